@@ -1,0 +1,100 @@
+"""The `agegender` command: one thin command per pipeline stage, plus tools.
+
+Each command loads params.yaml once, calls one library function, and says what it
+wrote where. Heavy imports (TensorFlow, Great Expectations, DVC) happen inside the
+commands so `--help` and data ingest stay fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from agegender.config import ConfigError, Params, load_params
+
+app = typer.Typer(help="Age and gender estimation from face images: pipeline stages and tools.", no_args_is_help=True)
+data_app = typer.Typer(help="Manage the raw dataset in data/ (tracked by DVC in data.dvc).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+PARAMS = typer.Option(Path("params.yaml"), "--params", help="Parameters file.")
+DATA_DIR = Path("data")
+ARTIFACTS = Path("artifacts")
+
+
+def fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=1)
+
+
+def params_or_exit(path: Path) -> Params:
+    try:
+        return load_params(path)
+    except ConfigError as err:
+        raise fail(str(err)) from None
+
+
+@data_app.command("ingest")
+def ingest_command(
+    source: str = typer.Argument(
+        ..., help="'demo', a UTKFace folder or .tar.gz/.zip archive, a CSV manifest (path,age,gender[,race]), or an http(s)/s3/gs URL of an archive."
+    ),
+    append: bool = typer.Option(False, "--append", help="Add to the current dataset, skipping images already present."),
+    params_file: Path = PARAMS,
+) -> None:
+    """Write SOURCE into data/ (images + labels.csv), track it with DVC and push it if a remote is set."""
+    from agegender.data.ingest import ingest
+    from agegender.data.sources import SourceError
+    from agegender.data.versioning import VersioningError, data_version, push_dataset, track_dataset
+
+    params = params_or_exit(params_file)
+    repo_root = Path.cwd()
+    console.print(f"Ingesting {source!r} into {DATA_DIR}/{' (append)' if append else ''}")
+    try:
+        report = ingest(
+            source, DATA_DIR, append=append, demo=params.data.demo, track=lambda: track_dataset(repo_root, DATA_DIR)
+        )
+    except (SourceError, VersioningError, OSError) as err:
+        raise fail(f"{err}\nNothing was changed in {DATA_DIR}/.") from None
+    console.print(
+        f"{report.added} images added, {report.skipped_duplicates} skipped (content already present), "
+        f"{report.total} in {DATA_DIR}/labels.csv; DVC version {data_version(Path('data.dvc'))} in data.dvc"
+    )
+    if source == "demo":
+        console.print("[yellow]This is the procedurally drawn DEMO dataset, not real faces.[/]")
+    try:
+        remote = push_dataset(repo_root, DATA_DIR)
+    except VersioningError as err:
+        console.print(f"[yellow]warning:[/] {err}; the dataset is tracked locally, run `dvc push` later")
+    else:
+        console.print(f"Pushed to DVC remote '{remote}'" if remote else "No DVC remote set: not pushed")
+
+
+@app.command("validate")
+def validate_command(params_file: Path = PARAMS) -> None:
+    """Check data/ with Great Expectations; quarantine bad rows; fail if too many or a table check fails."""
+    from agegender.validation import validate_dataset
+
+    params = params_or_exit(params_file)
+    out_dir = ARTIFACTS / "validation"
+    console.print(f"Validating {DATA_DIR}/labels.csv and its images")
+    try:
+        report = validate_dataset(DATA_DIR, out_dir, params.validate_)
+    except (FileNotFoundError, ValueError) as err:
+        raise fail(str(err)) from None
+    console.print(
+        f"{report.rows_valid} of {report.rows_total} rows valid, {len(report.quarantined)} quarantined; "
+        f"report in {out_dir}/summary.json, Data Docs at {out_dir}/data_docs/index.html"
+    )
+    for entry in report.quarantined[:10]:
+        console.print(f"  quarantined {entry['file']}: {entry['reason']}")
+    if len(report.quarantined) > 10:
+        console.print(f"  ... and {len(report.quarantined) - 10} more in summary.json")
+    if not report.success:
+        raise fail("validation failed:\n  " + "\n  ".join(report.failures))
+
+
+if __name__ == "__main__":
+    app()
