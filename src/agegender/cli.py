@@ -72,6 +72,20 @@ def ingest_command(
         console.print(f"Pushed to DVC remote '{remote}'" if remote else "No DVC remote set: not pushed")
 
 
+@data_app.command("fetch")
+def fetch_command(params_file: Path = PARAMS) -> None:
+    """Get the dataset data.dvc names (DVC cache or remote); if none has it, ingest data.source."""
+    from agegender.data.versioning import data_version, pull_dataset
+
+    params = params_or_exit(params_file)
+    console.print("Fetching the dataset named by data.dvc (dvc pull)")
+    if pull_dataset(Path.cwd(), DATA_DIR):
+        console.print(f"{DATA_DIR}/ is at DVC version {data_version(Path('data.dvc'))}")
+        return
+    console.print(f"No DVC copy found; ingesting data.source={params.data.source!r}")
+    ingest_command(source=params.data.source, append=False, params_file=params_file)
+
+
 @app.command("validate")
 def validate_command(params_file: Path = PARAMS) -> None:
     """Check data/ with Great Expectations; quarantine bad rows; fail if too many or a table check fails."""

@@ -53,3 +53,22 @@ def data_version(dvc_file: Path) -> str:
         raise VersioningError(f"{dvc_file}: not found; ingest a dataset first (agegender data ingest demo)")
     meta = yaml.safe_load(dvc_file.read_text())
     return meta["outs"][0]["md5"].removesuffix(".dir")
+
+
+def pull_dataset(repo_root: Path, data_dir: Path) -> bool:
+    """Check out the dataset data.dvc names, from the cache or the default remote.
+
+    Returns False (and changes nothing) when there is no data.dvc or no copy of it can be found.
+    """
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    dvc_file = data_dir.with_suffix(".dvc")
+    if not dvc_file.exists():
+        return False
+    with Repo(str(repo_root)) as repo:
+        try:
+            repo.pull(targets=[str(dvc_file)])
+        except DvcException:
+            return False
+    return True

@@ -1,0 +1,44 @@
+from pathlib import Path
+
+import pytest
+
+from agegender.config import ConfigError, load_params
+from tests.conftest import PROJECT
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_project_params_load():
+    params = load_params(PROJECT / "params.yaml")
+    assert params.data.source == "demo"
+    assert params.validate_.age_buckets[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("validate: {min_sid: 3}", "unknown key 'validate.min_sid' (allowed here: min_side,"),
+        ("surprise: 1", "unknown key 'surprise' (allowed here: data, validate"),
+        ("data: {demo: {cnt: 3}}", "unknown key 'data.demo.cnt' (allowed here: count, image_size, seed)"),
+        ("validate: {min_side: abc}", "'validate.min_side': Input should be a valid integer"),
+        ("validate: {max_bad_fraction: 2}", "'validate.max_bad_fraction': Input should be less than or equal to 1"),
+        ("validate: {gender_share: [0.9, 0.1]}", "gender_share must be [low, high] with low <= high"),
+        ("validate: {age_buckets: [0, 30, 20]}", "age_buckets must be at least two strictly increasing edges"),
+        ("data: {demo: {count: 0}}", "'data.demo.count': Input should be greater than or equal to 10"),
+        ("[1, 2]", "expected a mapping of sections"),
+        ("a: [", "not valid YAML"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as err:
+        load_params(write(tmp_path, text))
+    assert expected in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
