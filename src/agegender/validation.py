@@ -208,7 +208,9 @@ def quarantine_reasons(result, rows: pd.DataFrame) -> list[dict]:
         config = expectation.expectation_config
         column = config.kwargs["column"]
         for hit in expectation.result.get("unexpected_index_list") or []:
-            reasons.setdefault(hit["file"], []).append(f"{config.meta['reason']} ({column}={hit.get(column)!r})")
+            value = hit.get(column)
+            shown = "" if pd.isna(value) else f" ({column}={value!r})"
+            reasons.setdefault(hit["file"], []).append(config.meta["reason"] + shown)
     return [{"file": f, "reason": "; ".join(reasons[f])} for f in rows["file"] if f in reasons]
 
 
