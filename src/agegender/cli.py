@@ -110,5 +110,25 @@ def validate_command(params_file: Path = PARAMS) -> None:
         raise fail("validation failed:\n  " + "\n  ".join(report.failures))
 
 
+@app.command("preprocess")
+def preprocess_command(params_file: Path = PARAMS) -> None:
+    """Detect and crop the valid faces, split them stratified, cache the crops in artifacts/prepared."""
+    from agegender.preprocess import prepare_dataset
+
+    params = params_or_exit(params_file)
+    out_dir = ARTIFACTS / "prepared"
+    manifest = ARTIFACTS / "validation" / "manifest.csv"
+    console.print(f"Preprocessing {manifest} with the {params.preprocess.detector!r} face detector")
+    try:
+        stats = prepare_dataset(manifest, DATA_DIR, out_dir, params.preprocess, params.validate_.age_buckets)
+    except (FileNotFoundError, ValueError) as err:
+        raise fail(str(err)) from None
+    counts = ", ".join(f"{split} {info['count']}" for split, info in stats["splits"].items())
+    console.print(
+        f"{stats['rows']} faces ({counts}); detector hit rate {stats['detector_hit_rate']:.1%}, "
+        f"{stats['fallback_count']} centred fallback crops; {stats['images_per_s']} images/s; written to {out_dir}/"
+    )
+
+
 if __name__ == "__main__":
     app()

@@ -49,9 +49,32 @@ class ValidateParams(Section):
         return self
 
 
+class SplitFractions(Section):
+    train: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.8
+    val: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    test: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitFractions:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1.0, got {total:g}")
+        return self
+
+
+class PreprocessParams(Section):
+    detector: Literal["haar", "mtcnn"] = "haar"
+    margin: float = Field(0.4, ge=0.0, le=2.0)
+    image_size: int = Field(64, ge=32, le=512)
+    split: SplitFractions = SplitFractions()
+    seed: int = 42
+    workers: int = Field(2, ge=1, le=64)
+
+
 class Params(Section):
     data: DataParams = DataParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    preprocess: PreprocessParams = PreprocessParams()
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,135 @@
+"""Preprocess: detect and crop every valid face, split stratified, cache the crops.
+
+Writes artifacts/prepared/{train,val,test}.npz (uint8 crops + labels), split.csv (which
+file went where, and whether the detector found the face) and stats.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from rich.progress import track
+from sklearn.model_selection import train_test_split
+
+from agegender.config import PreprocessParams
+from agegender.faces import crop_face, detect_or_fallback, make_detector
+from agegender.labels import bucket_ages
+
+SPLITS = ("train", "val", "test")
+
+
+def prepare_dataset(
+    manifest: Path, data_dir: Path, out_dir: Path, params: PreprocessParams, age_buckets: list[int]
+) -> dict:
+    """Crop, split and cache the rows of the validated manifest; returns the stats written."""
+    rows = pd.read_csv(manifest, dtype={"race": "Int64"})
+    if rows.empty:
+        raise ValueError(f"{manifest}: no valid rows to preprocess")
+    start = time.perf_counter()
+    crops, fallback = crop_all([data_dir / f for f in rows["file"]], params)
+    seconds = time.perf_counter() - start
+    rows["fallback"] = fallback
+    rows["split"] = split_stratified(rows, params, age_buckets)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        for split in SPLITS:
+            save_split(staging / f"{split}.npz", crops, rows, split)
+        rows[["file", "split", "age", "gender", "race", "fallback"]].to_csv(staging / "split.csv", index=False)
+        stats = split_stats(rows, age_buckets, seconds)
+        (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return stats
+
+
+def crop_all(paths: list[Path], params: PreprocessParams) -> tuple[np.ndarray, np.ndarray]:
+    """Decode, detect and crop in parallel threads, one detector per thread (OpenCV frees the GIL)."""
+    local = threading.local()
+
+    def crop_one(path: Path) -> tuple[np.ndarray, bool]:
+        if not hasattr(local, "detector"):
+            local.detector = make_detector(params.detector)
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError(f"{path}: cannot be decoded (was validation skipped?)")
+        box, used_fallback = detect_or_fallback(local.detector, image)
+        return crop_face(image, box, margin=params.margin, size=params.image_size), used_fallback
+
+    with ThreadPoolExecutor(max_workers=params.workers) as pool:
+        results = list(track(pool.map(crop_one, paths), total=len(paths), description="Detecting and cropping faces"))
+    crops = np.stack([crop for crop, _ in results])
+    return crops, np.array([used for _, used in results])
+
+
+def split_stratified(rows: pd.DataFrame, params: PreprocessParams, age_buckets: list[int]) -> np.ndarray:
+    """train/val/test labels, stratified by gender and age bucket; strata too small to split are pooled."""
+    strata = rows["gender"].astype(str) + "_" + pd.Series(bucket_ages(rows["age"], age_buckets), index=rows.index)
+    counts = strata.map(strata.value_counts())
+    strata = strata.where(counts >= 10, "rare")
+    index = np.arange(len(rows))
+    fractions = params.split
+    rest, test = train_test_split(
+        index, test_size=fractions.test, stratify=strata, random_state=params.seed
+    )
+    train, val = train_test_split(
+        rest,
+        test_size=fractions.val / (fractions.train + fractions.val),
+        stratify=strata.iloc[rest],
+        random_state=params.seed,
+    )
+    labels = np.empty(len(rows), dtype=object)
+    labels[train], labels[val], labels[test] = "train", "val", "test"
+    return labels
+
+
+def save_split(path: Path, crops: np.ndarray, rows: pd.DataFrame, split: str) -> None:
+    mask = (rows["split"] == split).to_numpy()
+    np.savez(
+        path,
+        images=crops[mask],
+        age=rows.loc[mask, "age"].to_numpy(np.float32),
+        gender=rows.loc[mask, "gender"].to_numpy(np.float32),
+        race=rows.loc[mask, "race"].fillna(-1).to_numpy(np.int8),
+        files=rows.loc[mask, "file"].to_numpy(str),
+    )
+
+
+def load_split(prepared_dir: Path, split: str) -> dict[str, np.ndarray]:
+    """One cached split as arrays: images (N, S, S, 3) uint8 BGR, age, gender, race, files."""
+    path = prepared_dir / f"{split}.npz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; run `agegender preprocess` (or `dvc repro preprocess`) first")
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+def split_stats(rows: pd.DataFrame, age_buckets: list[int], seconds: float) -> dict:
+    buckets = pd.Series(bucket_ages(rows["age"], age_buckets), index=rows.index)
+    per_split = {}
+    for split in SPLITS:
+        part = rows["split"] == split
+        per_split[split] = {
+            "count": int(part.sum()),
+            "female_share": round(float(rows.loc[part, "gender"].mean()), 4) if part.any() else None,
+            "per_age_bucket": {str(k): int(v) for k, v in buckets[part].value_counts().sort_index().items()},
+        }
+    return {
+        "rows": len(rows),
+        "detector_hit_rate": round(1.0 - float(rows["fallback"].mean()), 4),
+        "fallback_count": int(rows["fallback"].sum()),
+        "images_per_s": round(len(rows) / seconds, 1),
+        "splits": per_split,
+    }
