@@ -7,6 +7,7 @@ commands so `--help` and data ingest stay fast.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -128,6 +129,31 @@ def preprocess_command(params_file: Path = PARAMS) -> None:
         f"{stats['rows']} faces ({counts}); detector hit rate {stats['detector_hit_rate']:.1%}, "
         f"{stats['fallback_count']} centred fallback crops; {stats['images_per_s']} images/s; written to {out_dir}/"
     )
+
+
+@app.command("train")
+def train_command(params_file: Path = PARAMS) -> None:
+    """Train the multi-task Keras model on artifacts/prepared; track the run in MLflow."""
+    from agegender.data.versioning import data_version
+    from agegender.tracking import configure_tracking, git_commit
+    from agegender.training import TrainingError, train_model
+
+    params = params_or_exit(params_file)
+    root = Path.cwd()
+    uri = configure_tracking(root, os.environ.get("MLFLOW_TRACKING_URI"))
+    version = data_version(Path("data.dvc"))
+    cfg = params.train
+    run_name = f"{cfg.backbone}-{cfg.age_head}-{params.preprocess.image_size}px-lr{cfg.learning_rate:g}-data{version[:8]}"
+    console.print(f"Training run {run_name!r}, tracked in MLflow at {uri}")
+    try:
+        result = train_model(
+            ARTIFACTS / "prepared", ARTIFACTS / "model", params,
+            data_version=version, git_commit=git_commit(root), run_name=run_name,
+        )
+    except (TrainingError, FileNotFoundError, RuntimeError) as err:
+        raise fail(str(err)) from None
+    shown = ", ".join(f"{k} {v}" for k, v in result.metrics.items())
+    console.print(f"{shown}\nModel and card in {result.out_dir}/, MLflow run {result.run_id}")
 
 
 if __name__ == "__main__":

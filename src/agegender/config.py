@@ -71,10 +71,46 @@ class PreprocessParams(Section):
     workers: int = Field(2, ge=1, le=64)
 
 
+class AugmentParams(Section):
+    flip: bool = True
+    rotation: float = Field(0.03, ge=0.0, le=0.5, description="fraction of a full turn")
+    shift: float = Field(0.06, ge=0.0, le=0.5, description="fraction of the side")
+    zoom: float = Field(0.08, ge=0.0, le=0.5)
+    brightness: float = Field(0.1, ge=0.0, le=1.0, description="fraction of the 0..255 range")
+    contrast: float = Field(0.25, ge=0.0, le=1.0)
+
+
+class LossWeights(Section):
+    age: float = Field(0.1, ge=0.0, description="L1 on years")
+    age_distribution: float = Field(1.0, ge=0.0, description="dldl/ordinal loss; unused by regression")
+    gender: float = Field(1.0, ge=0.0)
+
+
+class TrainParams(Section):
+    backbone: Literal["compact", "mobilenet_v3_small", "efficientnet_b0", "resnet50", "vgg16"] = "compact"
+    weights: Literal["imagenet"] | None = None
+    width: int = Field(32, ge=4, le=256)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    age_head: Literal["regression", "dldl", "ordinal"] = "dldl"
+    age_bins: int = Field(101, ge=2, le=117)
+    age_sigma: float = Field(2.0, gt=0.0)
+    loss_weights: LossWeights = LossWeights()
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    learning_rate: float = Field(0.003, gt=0.0, le=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_epochs: int = Field(2, ge=0)
+    epochs: int = Field(20, ge=1, le=1000)
+    batch_size: int = Field(64, ge=1, le=4096)
+    patience: int = Field(6, ge=1)
+    seed: int = 42
+    augment: AugmentParams = AugmentParams()
+
+
 class Params(Section):
     data: DataParams = DataParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
     preprocess: PreprocessParams = PreprocessParams()
+    train: TrainParams = TrainParams()
 
 
 class ConfigError(ValueError):
@@ -115,3 +151,15 @@ def _allowed_keys(loc: tuple) -> list[str]:
         field = next(f for name, f in model.model_fields.items() if (f.alias or name) == part)
         model = field.annotation
     return [f.alias or name for name, f in model.model_fields.items()]
+
+
+class ModelSpec(Section):
+    """What a saved model needs to be served without params.yaml; stored beside its weights."""
+
+    image_size: int
+    margin: float
+    detector: str
+    backbone: str
+    age_head: str
+    data_version: str
+    trained_on: Literal["demo", "real"]

@@ -47,6 +47,7 @@ def prepare_dataset(
             save_split(staging / f"{split}.npz", crops, rows, split)
         rows[["file", "split", "age", "gender", "race", "fallback"]].to_csv(staging / "split.csv", index=False)
         stats = split_stats(rows, age_buckets, seconds)
+        stats["sources"] = sorted(rows["source"].astype(str).unique())
         (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         shutil.rmtree(out_dir, ignore_errors=True)
         staging.rename(out_dir)

@@ -1,0 +1,288 @@
+"""Train the multi-task model on the cached crops and track the run in MLflow.
+
+Writes artifacts/model/ (model.keras, spec.json, card.json, card.md, metrics.json,
+history.csv, curves.png) only after a successful fit; the MLflow run gets the params,
+per-epoch metrics, data version, git commit, curves and the model with its signature.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from agegender.config import ModelSpec, Params, TrainParams
+from agegender.model import age_logits_loss, build_model, training_view
+from agegender.preprocess import load_split
+from agegender.tracking import flatten
+
+
+class TrainingError(RuntimeError):
+    """Training could not produce a usable model; nothing was written."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    metrics: dict
+    out_dir: Path
+
+
+def train_model(
+    prepared_dir: Path, out_dir: Path, params: Params, *, data_version: str, git_commit: str, run_name: str
+) -> TrainResult:
+    """Fit on train, early-stop on val, save the model and log everything to the active MLflow experiment."""
+    import mlflow
+
+    cfg = params.train
+    train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
+    check_inputs(train, val, params.preprocess.image_size)
+    stats = json.loads((prepared_dir / "stats.json").read_text())
+    spec = ModelSpec(
+        image_size=params.preprocess.image_size,
+        margin=params.preprocess.margin,
+        detector=params.preprocess.detector,
+        backbone=cfg.backbone,
+        age_head=cfg.age_head,
+        data_version=data_version,
+        trained_on="demo" if stats.get("sources") == ["demo"] else "real",
+    )
+    keras.utils.set_random_seed(cfg.seed)
+    model = build_model(
+        backbone=cfg.backbone, image_size=spec.image_size, weights=cfg.weights, width=cfg.width,
+        dropout=cfg.dropout, age_head=cfg.age_head, age_bins=cfg.age_bins,
+    )
+    fit_model = compile_for_training(model, cfg, steps_per_epoch=math.ceil(len(train["age"]) / cfg.batch_size))
+
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.log_params(flatten(params.model_dump(by_alias=True, mode="json")))
+        mlflow.set_tags({
+            "data_version": data_version, "git_commit": git_commit, "trained_on": spec.trained_on,
+            "mlflow.note.content": describe_run(spec, stats),
+        })
+        mlflow.log_params({"split.train": len(train["age"]), "split.val": len(val["age"]), "split.rows": stats["rows"]})
+        start = time.perf_counter()
+        history = fit_model.fit(
+            make_dataset(train, cfg, training=True),
+            validation_data=make_dataset(val, cfg, training=False),
+            epochs=cfg.epochs,
+            callbacks=[
+                keras.callbacks.TerminateOnNaN(),
+                keras.callbacks.EarlyStopping(
+                    monitor="val_age_mae", mode="min", patience=cfg.patience, restore_best_weights=True
+                ),
+                mlflow.keras.MlflowCallback(run),
+            ],
+            verbose=2,
+        ).history
+        seconds = time.perf_counter() - start
+        if any(not math.isfinite(v) for v in history["loss"]):
+            raise TrainingError(
+                f"loss became {history['loss'][-1]} at epoch {len(history['loss'])}; "
+                "lower train.learning_rate or check the labels. No model was written."
+            )
+        metrics = score(model, val, prefix="val_")
+        metrics.update({
+            "train_seconds": round(seconds, 1),
+            "train_images_per_s": round(len(history["loss"]) * len(train["age"]) / seconds, 1),
+            "epochs_run": len(history["loss"]),
+            "best_epoch": int(np.argmin(history["val_age_mae"])) + 1,
+        })
+        mlflow.log_metrics(metrics)
+        staging = save_outputs(out_dir, model, spec, metrics, history, stats, run.info.run_id)
+        try:
+            mlflow.log_artifacts(str(staging), artifact_path="outputs")
+            log_model(model, val["images"][:4])
+            shutil.rmtree(out_dir, ignore_errors=True)
+            staging.rename(out_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return TrainResult(run_id=run.info.run_id, metrics=metrics, out_dir=out_dir)
+
+
+def check_inputs(train: dict, val: dict, image_size: int) -> None:
+    for name, split in (("train", train), ("val", val)):
+        if len(split["age"]) == 0:
+            raise TrainingError(f"the {name} split is empty; ingest more data or change preprocess.split")
+        shape = tuple(split["images"].shape[1:])
+        if shape != (image_size, image_size, 3):
+            raise TrainingError(
+                f"the {name} crops are {shape}, but preprocess.image_size is {image_size}; "
+                "re-run `dvc repro preprocess`"
+            )
+
+
+def compile_for_training(model: keras.Model, cfg: TrainParams, *, steps_per_epoch: int) -> keras.Model:
+    """Compile the model (or its view with age logits, for dldl/ordinal) with losses, weights and schedule."""
+    losses = {"age": "mae", "gender": "binary_crossentropy"}
+    weights = {"age": cfg.loss_weights.age, "gender": cfg.loss_weights.gender}
+    fit_model = model
+    if cfg.age_head != "regression":
+        fit_model = training_view(model)
+        losses["age_logits"] = age_logits_loss(cfg.age_head, age_bins=cfg.age_bins, sigma=cfg.age_sigma)
+        weights["age_logits"] = cfg.loss_weights.age_distribution
+    elif cfg.loss_weights.age == 0:
+        raise TrainingError("train.loss_weights.age is 0: a regression age head would not learn")
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=cfg.learning_rate / 20 if warmup else cfg.learning_rate,
+        decay_steps=max(1, cfg.epochs * steps_per_epoch - warmup),
+        warmup_target=cfg.learning_rate if warmup else None,
+        warmup_steps=warmup,
+        alpha=0.01,
+    )
+    optimizer = {
+        "adamw": lambda: keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
+        "adam": lambda: keras.optimizers.Adam(schedule),
+        "sgd": lambda: keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True),
+    }[cfg.optimizer]()
+    fit_model.compile(
+        optimizer=optimizer,
+        loss=losses,
+        loss_weights=weights,
+        metrics={"age": ["mae"], "gender": ["accuracy"]},
+    )
+    return fit_model
+
+
+def make_augmenter(cfg: TrainParams) -> keras.Sequential:
+    """Training-only augmentation with Keras' preprocessing layers, applied to whole batches."""
+    aug = cfg.augment
+    steps = [keras.layers.RandomFlip("horizontal", seed=cfg.seed)] if aug.flip else []
+    if aug.rotation or aug.shift or aug.zoom:
+        steps.append(keras.layers.RandomRotation(aug.rotation, fill_mode="reflect", seed=cfg.seed))
+        steps.append(keras.layers.RandomTranslation(aug.shift, aug.shift, fill_mode="reflect", seed=cfg.seed))
+        steps.append(keras.layers.RandomZoom(aug.zoom, fill_mode="reflect", seed=cfg.seed))
+    if aug.brightness:
+        steps.append(keras.layers.RandomBrightness(aug.brightness, value_range=(0, 255), seed=cfg.seed))
+    if aug.contrast:
+        steps.append(keras.layers.RandomContrast(aug.contrast, value_range=(0, 255), seed=cfg.seed))
+    return keras.Sequential(steps, name="augment")
+
+
+def make_dataset(split: dict, cfg: TrainParams, *, training: bool) -> tf.data.Dataset:
+    """Batches of (float images, targets): cached, shuffled and augmented in parallel for training."""
+    targets = {"age": split["age"][:, None], "gender": split["gender"][:, None]}
+    if cfg.age_head != "regression":
+        targets["age_logits"] = split["age"][:, None]
+    data = tf.data.Dataset.from_tensor_slices((split["images"], targets)).cache()
+    if training:
+        data = data.shuffle(len(split["age"]), seed=cfg.seed, reshuffle_each_iteration=True)
+    data = data.batch(cfg.batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if training:
+        augment = make_augmenter(cfg)
+        data = data.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return data.prefetch(tf.data.AUTOTUNE)
+
+
+def score(model: keras.Model, split: dict, *, prefix: str) -> dict:
+    """Age MAE and gender accuracy, overall and for ages 18+ (gender is hard to see in young children)."""
+    predicted = model.predict(split["images"].astype(np.float32), batch_size=256, verbose=0)
+    age, female = predicted["age"][:, 0], predicted["gender"][:, 0]
+    correct = (female >= 0.5) == (split["gender"] >= 0.5)
+    adult = split["age"] >= 18
+    return {
+        f"{prefix}age_mae": round(float(np.mean(np.abs(age - split["age"]))), 4),
+        f"{prefix}gender_accuracy": round(float(correct.mean()), 4),
+        f"{prefix}gender_accuracy_18plus": round(float(correct[adult].mean()), 4) if adult.any() else None,
+    }
+
+
+def describe_run(spec: ModelSpec, stats: dict) -> str:
+    data = "the procedurally drawn DEMO data (not real faces)" if spec.trained_on == "demo" else "real face images"
+    return (
+        f"{spec.backbone} backbone, {spec.age_head} age head, {spec.image_size}px crops; "
+        f"trained on {data}, DVC data version {spec.data_version}, {stats['rows']} faces."
+    )
+
+
+def save_outputs(
+    out_dir: Path, model: keras.Model, spec: ModelSpec, metrics: dict, history: dict, stats: dict, run_id: str
+) -> Path:
+    """Write every output into a staging folder beside out_dir; the caller renames it into place."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    model.save(staging / "model.keras")
+    (staging / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    curves = pd.DataFrame(history).rename(columns=lambda c: c.replace("binary_", ""))
+    curves.insert(0, "epoch", range(1, len(curves) + 1))
+    curves.to_csv(staging / "history.csv", index=False)
+    plot_curves(curves, staging / "curves.png")
+    write_card(staging, spec, metrics, stats, run_id)
+    return staging
+
+
+def plot_curves(curves: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (title, columns) in zip(
+        axes,
+        [("loss", ["loss", "val_loss"]), ("age MAE (years)", ["age_mae", "val_age_mae"]),
+         ("gender accuracy", ["gender_accuracy", "val_gender_accuracy"])],
+        strict=True,
+    ):
+        for column in columns:
+            if column in curves:
+                ax.plot(curves["epoch"], curves[column], label=column)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_card(folder: Path, spec: ModelSpec, metrics: dict, stats: dict, run_id: str) -> None:
+    use = (
+        "Demonstration only: trained on procedurally drawn cartoon faces. It shows the workflow "
+        "and must not be used on real people."
+        if spec.trained_on == "demo"
+        else "Research and evaluation on face images like the training data (aligned, frontal faces). "
+        "Age and gender estimates are uncertain and must not drive decisions about individuals."
+    )
+    card = {
+        "model": f"agegender ({spec.backbone}, {spec.age_head} age head, {spec.image_size}px)",
+        "mlflow_run_id": run_id,
+        "data_version": spec.data_version,
+        "trained_on": spec.trained_on,
+        "split_sizes": {name: info["count"] for name, info in stats["splits"].items()},
+        "detector": {"name": spec.detector, "hit_rate": stats["detector_hit_rate"]},
+        "metrics": metrics,
+        "intended_use": use,
+    }
+    (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    lines = [f"# Model card: {card['model']}", "", f"**Intended use.** {use}", "",
+             f"- Data version (DVC md5): `{spec.data_version}` ({spec.trained_on} data)",
+             f"- Splits: {card['split_sizes']}", f"- MLflow run: `{run_id}`", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in metrics.items()]
+    (folder / "card.md").write_text("\n".join(lines) + "\n")
+
+
+def log_model(model: keras.Model, example: np.ndarray) -> None:
+    """Log the model in MLflow's format with a signature and an input example.
+
+    The tensorflow flavour handles Keras 3 models; mlflow.keras.log_model (MLflow 3.17)
+    fails to write an input example because it does so before creating its folder.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    example = example.astype(np.float32)
+    outputs = {name: np.asarray(value) for name, value in model.predict(example, verbose=0).items()}
+    mlflow.tensorflow.log_model(
+        model, name="model", signature=infer_signature(example, outputs), input_example=example
+    )
