@@ -45,7 +45,7 @@ def train_model(
 
     cfg = params.train
     train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
-    check_inputs(train, val, params.preprocess.image_size)
+    check_inputs(train, val, params.preprocess.image_size, cfg.batch_size)
     stats = json.loads((prepared_dir / "stats.json").read_text())
     spec = ModelSpec(
         image_size=params.preprocess.image_size,
@@ -61,7 +61,7 @@ def train_model(
         backbone=cfg.backbone, image_size=spec.image_size, weights=cfg.weights, width=cfg.width,
         dropout=cfg.dropout, age_head=cfg.age_head, age_bins=cfg.age_bins,
     )
-    fit_model = compile_for_training(model, cfg, steps_per_epoch=math.ceil(len(train["age"]) / cfg.batch_size))
+    fit_model = compile_for_training(model, cfg, steps_per_epoch=max(1, len(train["age"]) // cfg.batch_size))
 
     with mlflow.start_run(run_name=run_name) as run:
         mlflow.log_params(flatten(params.model_dump(by_alias=True, mode="json")))
@@ -97,7 +97,8 @@ def train_model(
             "epochs_run": len(history["loss"]),
             "best_epoch": int(np.argmin(history["val_age_mae"])) + 1,
         })
-        mlflow.log_metrics(metrics)
+        # Logged after the per-epoch points, so the run's latest value is the restored best model's.
+        mlflow.log_metrics(metrics, step=len(history["loss"]))
         staging = save_outputs(out_dir, model, spec, metrics, history, stats, run.info.run_id)
         try:
             mlflow.log_artifacts(str(staging), artifact_path="outputs")
@@ -109,7 +110,7 @@ def train_model(
     return TrainResult(run_id=run.info.run_id, metrics=metrics, out_dir=out_dir)
 
 
-def check_inputs(train: dict, val: dict, image_size: int) -> None:
+def check_inputs(train: dict, val: dict, image_size: int, batch_size: int) -> None:
     for name, split in (("train", train), ("val", val)):
         if len(split["age"]) == 0:
             raise TrainingError(f"the {name} split is empty; ingest more data or change preprocess.split")
@@ -119,6 +120,8 @@ def check_inputs(train: dict, val: dict, image_size: int) -> None:
                 f"the {name} crops are {shape}, but preprocess.image_size is {image_size}; "
                 "re-run `dvc repro preprocess`"
             )
+    if len(train["age"]) < batch_size:
+        raise TrainingError(f"the train split has {len(train['age'])} faces, fewer than train.batch_size={batch_size}")
 
 
 def compile_for_training(model: keras.Model, cfg: TrainParams, *, steps_per_epoch: int) -> keras.Model:
@@ -177,9 +180,11 @@ def make_dataset(split: dict, cfg: TrainParams, *, training: bool) -> tf.data.Da
     data = tf.data.Dataset.from_tensor_slices((split["images"], targets)).cache()
     if training:
         data = data.shuffle(len(split["age"]), seed=cfg.seed, reshuffle_each_iteration=True)
-    data = data.batch(cfg.batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
-    if training:
-        augment = make_augmenter(cfg)
+    # Full training batches only: a small last batch makes noisy BatchNorm statistics, and
+    # oneDNN's conv backward pass in TF 2.21 corrupts memory on some odd batch sizes (seen with 15).
+    data = data.batch(cfg.batch_size, drop_remainder=training).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    augment = make_augmenter(cfg)
+    if training and augment.layers:
         data = data.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
     return data.prefetch(tf.data.AUTOTUNE)
 

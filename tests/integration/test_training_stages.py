@@ -1,0 +1,164 @@
+"""`dvc repro` through training on real UTKFace images, with a tiny model, checked in MLflow."""
+
+import json
+import os
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import BIN, run
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "preprocess": {"image_size": 32},
+    "train": {"width": 8, "epochs": 2, "batch_size": 32, "warmup_epochs": 0, "patience": 2},
+}
+
+
+def set_params(repo, changes: dict) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in changes.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def trained_repo(project_repo, utk_subset):
+    set_params(project_repo, TINY)
+    run("agegender", "data", "ingest", str(utk_subset), cwd=project_repo)
+    run("dvc", "repro", "train", cwd=project_repo)
+    return project_repo
+
+
+def mlflow_client(repo):
+    import mlflow
+
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
+def test_repro_trains_and_tracks_in_mlflow(trained_repo):
+    import mlflow
+
+    stats = json.loads((trained_repo / "artifacts/prepared/stats.json").read_text())
+    assert stats["rows"] == 300 and stats["detector_hit_rate"] > 0.5
+    card = json.loads((trained_repo / "artifacts/model/card.json").read_text())
+    assert card["trained_on"] == "real" and card["split_sizes"]["train"] == stats["splits"]["train"]["count"]
+
+    client = mlflow_client(trained_repo)
+    experiment = client.get_experiment_by_name("agegender")
+    (run_info,) = client.search_runs([experiment.experiment_id])
+    assert run_info.info.status == "FINISHED"
+    assert run_info.data.params["train.width"] == "8" and run_info.data.params["preprocess.image_size"] == "32"
+    data_md5 = yaml.safe_load((trained_repo / "data.dvc").read_text())["outs"][0]["md5"].removesuffix(".dir")
+    assert run_info.data.tags["data_version"] == data_md5
+    assert run_info.data.tags["git_commit"] != "unknown"
+    history = client.get_metric_history(run_info.info.run_id, "val_age_mae")
+    # One point per epoch (steps 0, 1), then the restored best model's score.
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1, 2]
+    assert {"val_gender_accuracy", "train_images_per_s", "train_seconds"} <= set(run_info.data.metrics)
+
+    model = mlflow.pyfunc.load_model(f"runs:/{run_info.info.run_id}/model")
+    images = np.load(trained_repo / "artifacts/prepared/val.npz")["images"][:3].astype(np.float32)
+    predicted = model.predict(images)
+    assert predicted["age"].shape == (3, 1) and np.all((predicted["gender"] >= 0) & (predicted["gender"] <= 1))
+
+
+def test_repro_reruns_only_what_changed(trained_repo):
+    again = run("dvc", "repro", "train", cwd=trained_repo)
+    assert "Running stage" not in again.stdout
+
+    set_params(trained_repo, {"train": {"learning_rate": 0.001}})
+    changed = run("dvc", "repro", "train", cwd=trained_repo)
+    assert "Running stage 'train'" in changed.stdout
+    assert "Running stage 'preprocess'" not in changed.stdout and "Running stage 'validate'" not in changed.stdout
+
+
+def test_dvc_experiments_metrics_and_plots(trained_repo):
+    run("git", "add", "-A", cwd=trained_repo)
+    run("git", "commit", "-qm", "baseline", cwd=trained_repo)
+    run("dvc", "exp", "run", "-S", "train.learning_rate=0.01", cwd=trained_repo)
+    shown = run("dvc", "exp", "show", "--json", cwd=trained_repo).stdout
+    assert "0.01" in shown
+    metrics = run("dvc", "metrics", "show", "--json", cwd=trained_repo).stdout
+    assert "val_age_mae" in metrics
+    plots = run("dvc", "plots", "show", "--json", cwd=trained_repo).stdout
+    assert "val_age_mae" in plots
+
+
+def test_bad_training_input_writes_no_model(project_repo, utk_subset):
+    set_params(project_repo, TINY)
+    run("agegender", "data", "ingest", str(utk_subset), cwd=project_repo)
+    run("dvc", "repro", "preprocess", cwd=project_repo)
+
+    set_params(project_repo, {"preprocess": {"image_size": 48}})
+    mismatch = run("agegender", "train", cwd=project_repo, check=False)
+    assert mismatch.returncode == 1 and "preprocess.image_size is 48" in mismatch.stderr
+    set_params(project_repo, {"preprocess": {"image_size": 32}, "train": {"batch_size": 4096}})
+    too_few = run("agegender", "train", cwd=project_repo, check=False)
+    assert too_few.returncode == 1 and "fewer than train.batch_size=4096" in too_few.stderr
+
+    set_params(project_repo, {"train": {"batch_size": 32}})
+    cache = project_repo / "artifacts/prepared/train.npz"
+    split = dict(np.load(cache))
+    split["age"][:] = np.nan  # a corrupt label cache: the loss cannot be finite
+    np.savez(cache, **split)
+    nan = run("agegender", "train", cwd=project_repo, check=False)
+    assert nan.returncode == 1 and "loss became nan" in nan.stderr and "No model was written" in nan.stderr
+    assert not (project_repo / "artifacts/model").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_training_against_a_remote_tracking_server(project_repo, utk_subset, tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        wait_for(uri)
+        set_params(project_repo, TINY)
+        run("agegender", "data", "ingest", str(utk_subset), cwd=project_repo)
+        run("dvc", "repro", "preprocess", cwd=project_repo)
+        result = subprocess.run(
+            ["agegender", "train"], cwd=project_repo, capture_output=True, text=True,
+            env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        )
+        assert result.returncode == 0, result.stderr
+        assert not (project_repo / "mlflow.db").exists()
+        import mlflow
+
+        client = mlflow.MlflowClient(uri)
+        (run_info,) = client.search_runs([client.get_experiment_by_name("agegender").experiment_id])
+        assert "val_age_mae" in run_info.data.metrics
+        assert any(a.path == "outputs" for a in client.list_artifacts(run_info.info.run_id))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def wait_for(uri: str, seconds: float = 90) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"mlflow server at {uri} did not start in {seconds} s")
