@@ -136,24 +136,30 @@ def train_command(params_file: Path = PARAMS) -> None:
     """Train the multi-task Keras model on artifacts/prepared; track the run in MLflow."""
     from agegender.data.versioning import data_version
     from agegender.tracking import configure_tracking, git_commit
-    from agegender.training import TrainingError, train_model
+    from agegender.training import TrainingError, train_candidates
 
     params = params_or_exit(params_file)
     root = Path.cwd()
     uri = configure_tracking(root, os.environ.get("MLFLOW_TRACKING_URI"))
     version = data_version(Path("data.dvc"))
     cfg = params.train
-    run_name = f"{cfg.backbone}-{cfg.age_head}-{params.preprocess.image_size}px-lr{cfg.learning_rate:g}-data{version[:8]}"
-    console.print(f"Training run {run_name!r}, tracked in MLflow at {uri}")
+    run_name = f"{cfg.backbone}-{cfg.age_head}-{params.preprocess.image_size}px-data{version[:8]}"
+    names = ", ".join(c.name for c in params.candidates)
+    console.print(f"Training run {run_name!r} (candidates: {names}), tracked in MLflow at {uri}")
     try:
-        result = train_model(
+        candidates = train_candidates(
             ARTIFACTS / "prepared", ARTIFACTS / "model", params,
             data_version=version, git_commit=git_commit(root), run_name=run_name,
         )
     except (TrainingError, FileNotFoundError, RuntimeError) as err:
         raise fail(str(err)) from None
-    shown = ", ".join(f"{k} {v}" for k, v in result.metrics.items())
-    console.print(f"{shown}\nModel and card in {result.out_dir}/, MLflow run {result.run_id}")
+    for c in candidates:
+        mark = "[bold green]winner[/]" if c["winner"] else "      "
+        console.print(
+            f"{mark} {c['name']}: val age MAE {c['val_age_mae']}, val gender accuracy "
+            f"{c['val_gender_accuracy']}, {c['train_seconds']} s, run {c['run_id']}"
+        )
+    console.print(f"Winner's model, card and candidates.json in {ARTIFACTS / 'model'}/")
 
 
 if __name__ == "__main__":

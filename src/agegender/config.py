@@ -106,11 +106,61 @@ class TrainParams(Section):
     augment: AugmentParams = AugmentParams()
 
 
+class Candidate(Section):
+    """One configuration to try: overrides of the `train` section."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    train: dict = {}
+
+
+class GateParams(Section):
+    max_age_mae: float = Field(15.0, gt=0.0, description="years, on the test split")
+    min_gender_accuracy: Fraction = 0.6
+    max_group_gap: float = Field(10.0, ge=0.0, description="largest age-MAE gap between race groups, years")
+    min_improvement: float = Field(0.05, ge=0.0, description="years of age MAE to gain over the champion")
+    max_gender_accuracy_drop: Fraction = 0.01
+
+
+class RegistryParams(Section):
+    model_name: str = Field("agegender", min_length=1)
+
+
+class ScheduleParams(Section):
+    cron: str = "0 3 * * 1"
+    timezone: str = "UTC"
+
+
 class Params(Section):
     data: DataParams = DataParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
     preprocess: PreprocessParams = PreprocessParams()
     train: TrainParams = TrainParams()
+    candidates: list[Candidate] = Field([Candidate(name="default")], min_length=1)
+    gates: GateParams = GateParams()
+    registry: RegistryParams = RegistryParams()
+    schedule: ScheduleParams = ScheduleParams()
+
+    @model_validator(mode="after")
+    def _check_candidates(self) -> Params:
+        names = [c.name for c in self.candidates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"candidate names must be unique, got {names}")
+        for index, candidate in enumerate(self.candidates):
+            try:
+                self.candidate_train(candidate)
+            except ValidationError as err:
+                raise ValueError(f"candidates.{index} ({candidate.name}).train: " + _describe(err, TrainParams)) from None
+        return self
+
+    def candidate_train(self, candidate: Candidate) -> TrainParams:
+        """The train section with the candidate's overrides applied (nested sections merged)."""
+        merged = self.train.model_dump(mode="json")
+        for key, value in candidate.train.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        return TrainParams.model_validate(merged)
 
 
 class ConfigError(ValueError):
@@ -133,20 +183,21 @@ def load_params(path: Path = Path("params.yaml")) -> Params:
         raise ConfigError(f"{path}: " + _describe(err)) from None
 
 
-def _describe(err: ValidationError) -> str:
+def _describe(err: ValidationError, root: type[BaseModel] | None = None) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(part) for part in e["loc"]) or "(top level)"
+        key = ".".join(str(part) for part in e["loc"])
         if e["type"] == "extra_forbidden":
-            allowed = ", ".join(_allowed_keys(e["loc"][:-1]))
+            allowed = ", ".join(_allowed_keys(root or Params, e["loc"][:-1]))
             lines.append(f"unknown key '{key}' (allowed here: {allowed})")
+        elif e["type"] == "value_error":  # our own checks: the message names the keys
+            lines.append(f"{key + ': ' if key else ''}{e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
-    model: type[BaseModel] = Params
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc:
         field = next(f for name, f in model.model_fields.items() if (f.alias or name) == part)
         model = field.annotation

@@ -32,21 +32,61 @@ class TrainingError(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainResult:
+    name: str
     run_id: str
     metrics: dict
-    out_dir: Path
+    staging: Path
 
 
-def train_model(
+def train_candidates(
     prepared_dir: Path, out_dir: Path, params: Params, *, data_version: str, git_commit: str, run_name: str
-) -> TrainResult:
-    """Fit on train, early-stop on val, save the model and log everything to the active MLflow experiment."""
+) -> list[dict]:
+    """Train every candidate as a child run of one parent run; the lowest val age MAE wins.
+
+    Only the validation split is used to choose (the test split is left for evaluation).
+    The winner's outputs go to out_dir; candidates.json beside it lists all of them.
+    """
     import mlflow
 
-    cfg = params.train
     train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
-    check_inputs(train, val, params.preprocess.image_size, cfg.batch_size)
+    check_inputs(train, val, params.preprocess.image_size, params.train.batch_size)
     stats = json.loads((prepared_dir / "stats.json").read_text())
+    results: list[TrainResult] = []
+    try:
+        with mlflow.start_run(run_name=run_name) as parent:
+            mlflow.set_tags({"data_version": data_version, "git_commit": git_commit, "role": "parent"})
+            mlflow.log_params(flatten(params.model_dump(by_alias=True, mode="json", exclude={"candidates"})))
+            for candidate in params.candidates:
+                cfg = params.candidate_train(candidate)
+                check_inputs(train, val, params.preprocess.image_size, cfg.batch_size)
+                results.append(train_one(
+                    candidate.name, cfg, params, train, val, stats, out_dir,
+                    data_version=data_version, git_commit=git_commit, run_name=f"{run_name}/{candidate.name}",
+                ))
+            winner = min(results, key=lambda r: r.metrics["val_age_mae"])
+            mlflow.set_tags({"winner": winner.name, "winner_run_id": winner.run_id})
+            mlflow.log_metrics({k: v for k, v in winner.metrics.items() if isinstance(v, int | float)})
+        summary = [
+            {"name": r.name, "run_id": r.run_id, "parent_run_id": parent.info.run_id,
+             "winner": r is winner, **r.metrics}
+            for r in results
+        ]
+        (winner.staging / "candidates.json").write_text(json.dumps(summary, indent=2) + "\n")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        winner.staging.rename(out_dir)
+    finally:
+        for result in results:
+            shutil.rmtree(result.staging, ignore_errors=True)
+    return summary
+
+
+def train_one(
+    name: str, cfg: TrainParams, params: Params, train: dict, val: dict, stats: dict, out_dir: Path,
+    *, data_version: str, git_commit: str, run_name: str,
+) -> TrainResult:
+    """Fit one candidate in a child run; returns its outputs in a staging folder."""
+    import mlflow
+
     spec = ModelSpec(
         image_size=params.preprocess.image_size,
         margin=params.preprocess.margin,
@@ -63,11 +103,14 @@ def train_model(
     )
     fit_model = compile_for_training(model, cfg, steps_per_epoch=max(1, len(train["age"]) // cfg.batch_size))
 
-    with mlflow.start_run(run_name=run_name) as run:
-        mlflow.log_params(flatten(params.model_dump(by_alias=True, mode="json")))
+    with mlflow.start_run(run_name=run_name, nested=True) as run:
+        mlflow.log_params(flatten({
+            "candidate": name, "train": cfg.model_dump(mode="json"),
+            **params.model_dump(by_alias=True, mode="json", exclude={"train", "candidates"}),
+        }))
         mlflow.set_tags({
             "data_version": data_version, "git_commit": git_commit, "trained_on": spec.trained_on,
-            "mlflow.note.content": describe_run(spec, stats),
+            "candidate": name, "mlflow.note.content": describe_run(spec, stats),
         })
         mlflow.log_params({"split.train": len(train["age"]), "split.val": len(val["age"]), "split.rows": stats["rows"]})
         start = time.perf_counter()
@@ -87,7 +130,7 @@ def train_model(
         seconds = time.perf_counter() - start
         if any(not math.isfinite(v) for v in history["loss"]):
             raise TrainingError(
-                f"loss became {history['loss'][-1]} at epoch {len(history['loss'])}; "
+                f"candidate {name!r}: loss became {history['loss'][-1]} at epoch {len(history['loss'])}; "
                 "lower train.learning_rate or check the labels. No model was written."
             )
         metrics = score(model, val, prefix="val_")
@@ -103,11 +146,10 @@ def train_model(
         try:
             mlflow.log_artifacts(str(staging), artifact_path="outputs")
             log_model(model, val["images"][:4])
-            shutil.rmtree(out_dir, ignore_errors=True)
-            staging.rename(out_dir)
-        finally:
+        except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
-    return TrainResult(run_id=run.info.run_id, metrics=metrics, out_dir=out_dir)
+            raise
+    return TrainResult(name=name, run_id=run.info.run_id, metrics=metrics, staging=staging)
 
 
 def check_inputs(train: dict, val: dict, image_size: int, batch_size: int) -> None:

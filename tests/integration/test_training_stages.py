@@ -18,18 +18,22 @@ TINY = {
     "preprocess": {"image_size": 32},
     "train": {"width": 8, "epochs": 2, "batch_size": 32, "warmup_epochs": 0, "patience": 2},
 }
+TWO_CANDIDATES = [{"name": "small", "train": {}}, {"name": "wider", "train": {"width": 12}}]
 
 
 def set_params(repo, changes: dict) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for section, values in changes.items():
-        params[section].update(values)
+        if isinstance(values, dict):
+            params[section].update(values)
+        else:
+            params[section] = values
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.fixture
 def trained_repo(project_repo, utk_subset):
-    set_params(project_repo, TINY)
+    set_params(project_repo, {**TINY, "candidates": TWO_CANDIDATES})
     run("agegender", "data", "ingest", str(utk_subset), cwd=project_repo)
     run("dvc", "repro", "train", cwd=project_repo)
     return project_repo
@@ -53,9 +57,18 @@ def test_repro_trains_and_tracks_in_mlflow(trained_repo):
 
     client = mlflow_client(trained_repo)
     experiment = client.get_experiment_by_name("agegender")
-    (run_info,) = client.search_runs([experiment.experiment_id])
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["candidate"] for r in children) == ["small", "wider"]
+    candidates = json.loads((trained_repo / "artifacts/model/candidates.json").read_text())
+    (winner,) = [c for c in candidates if c["winner"]]
+    assert winner["val_age_mae"] == min(c["val_age_mae"] for c in candidates)
+    assert parent.data.tags["winner_run_id"] == winner["run_id"]
+    run_info = client.get_run(winner["run_id"])
     assert run_info.info.status == "FINISHED"
-    assert run_info.data.params["train.width"] == "8" and run_info.data.params["preprocess.image_size"] == "32"
+    assert run_info.data.params["train.width"] == ("8" if winner["name"] == "small" else "12")
+    assert run_info.data.params["preprocess.image_size"] == "32"
     data_md5 = yaml.safe_load((trained_repo / "data.dvc").read_text())["outs"][0]["md5"].removesuffix(".dir")
     assert run_info.data.tags["data_version"] == data_md5
     assert run_info.data.tags["git_commit"] != "unknown"
@@ -143,7 +156,8 @@ def test_training_against_a_remote_tracking_server(project_repo, utk_subset, tmp
         import mlflow
 
         client = mlflow.MlflowClient(uri)
-        (run_info,) = client.search_runs([client.get_experiment_by_name("agegender").experiment_id])
+        runs = client.search_runs([client.get_experiment_by_name("agegender").experiment_id])
+        (run_info,) = [r for r in runs if r.data.tags.get("role") != "parent"]
         assert "val_age_mae" in run_info.data.metrics
         assert any(a.path == "outputs" for a in client.list_artifacts(run_info.info.run_id))
     finally:

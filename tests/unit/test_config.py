@@ -30,6 +30,10 @@ def test_project_params_load():
         ("validate: {age_buckets: [0, 30, 20]}", "age_buckets must be at least two strictly increasing edges"),
         ("data: {demo: {count: 0}}", "'data.demo.count': Input should be greater than or equal to 10"),
         ("[1, 2]", "expected a mapping of sections"),
+        ("candidates: [{name: a, train: {widht: 3}}]", "candidates.0 (a).train: unknown key 'widht' (allowed here: backbone,"),
+        ("candidates: [{name: a, train: {width: 0}}]", "candidates.0 (a).train: 'width': Input should be greater than or equal to 4"),
+        ("candidates: [{name: a}, {name: a}]", "candidate names must be unique"),
+        ("candidates: []", "'candidates': List should have at least 1 item"),
         ("a: [", "not valid YAML"),
     ],
 )
@@ -42,3 +46,10 @@ def test_bad_params_name_the_key(tmp_path, text, expected):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_candidate_overrides_merge_into_train(tmp_path):
+    params = load_params(write(tmp_path, "candidates: [{name: a, train: {width: 48, augment: {flip: false}}}]"))
+    merged = params.candidate_train(params.candidates[0])
+    assert merged.width == 48 and merged.augment.flip is False
+    assert merged.augment.zoom == params.train.augment.zoom
