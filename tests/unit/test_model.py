@@ -1,0 +1,142 @@
+"""agegender.model: shapes and names, age heads and their losses, errors, save/reload."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from agegender.model import (
+    AGE_HEADS,
+    BACKBONES,
+    BgrToRgb,
+    age_logits_loss,
+    build_model,
+    training_view,
+)
+
+BATCH = 2
+
+
+def _images(size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (BATCH, size, size, 3)).astype("float32")
+
+
+def _predict(model: keras.Model, images: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in model.predict_on_batch(images).items()}
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_backbone_gives_named_age_and_gender(backbone):
+    size = 48 if backbone == "compact" else 32  # 32 px: the keras.applications minimum
+    model = build_model(backbone=backbone, image_size=size, weights=None, width=8,
+                        dropout=0.1, age_head="dldl", age_bins=101)
+    assert model.input_shape == (None, size, size, 3)
+    out = _predict(model, _images(size))
+    assert set(out) == {"age", "gender"}
+    assert out["age"].shape == out["gender"].shape == (BATCH, 1)
+    assert np.all((out["gender"] >= 0) & (out["gender"] <= 1))
+    assert any(isinstance(layer, keras.layers.Rescaling) for layer in _all_layers(model))
+
+
+def _all_layers(model: keras.Model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+@pytest.mark.parametrize("age_head", AGE_HEADS)
+def test_every_age_head_outputs_years(age_head):
+    model = build_model(backbone="compact", image_size=32, weights=None, width=8,
+                        dropout=0.0, age_head=age_head, age_bins=21)
+    age = _predict(model, _images(32))["age"]
+    assert age.shape == (BATCH, 1) and np.all(np.isfinite(age))
+    if age_head != "regression":  # an expectation over bins 0..20 stays inside them
+        assert np.all((age >= 0) & (age <= 20))
+
+
+@pytest.mark.parametrize("age_head", AGE_HEADS)
+def test_training_view_shares_weights_and_trains_on_years(age_head):
+    model = build_model(backbone="compact", image_size=32, weights=None, width=8,
+                        dropout=0.0, age_head=age_head, age_bins=21)
+    train = training_view(model)
+    ages = np.array([[3.0], [15.0]], "float32")
+    losses = {"age": "mae", "gender": "binary_crossentropy"}
+    targets = {"age": ages, "gender": np.array([[0.0], [1.0]], "float32")}
+    if age_head != "regression":
+        losses["age_logits"] = age_logits_loss(age_head, age_bins=21)
+        targets["age_logits"] = ages  # plain years: the loss encodes them
+    assert set(train.output) == set(losses)
+    train.compile(optimizer="adam", loss=losses)
+    before = model.get_layer("gender").get_weights()[0].copy()
+    logs = train.train_on_batch(_images(32), targets, return_dict=True)
+    assert np.isfinite(logs["loss"])
+    assert not np.allclose(model.get_layer("gender").get_weights()[0], before)
+    assert getattr(model, "optimizer", None) is None  # so its file holds no optimizer state
+
+
+def _peaked_logits(at: int, bins: int) -> np.ndarray:
+    return np.where(np.arange(bins) == at, 10.0, 0.0)[None].astype("float32")
+
+
+def test_dldl_loss_is_lowest_at_the_true_age():
+    loss = age_logits_loss("dldl", age_bins=21, sigma=2.0)
+    y = np.array([[10.0]], "float32")
+    near, far = (float(np.asarray(loss(y, _peaked_logits(k, 21)))[0]) for k in (10, 16))
+    assert near < far
+
+
+def test_ordinal_loss_is_lowest_at_the_true_age():
+    loss = age_logits_loss("ordinal", age_bins=21)
+    y = np.array([[10.0]], "float32")
+    right = np.where(np.arange(20) < 10, 10.0, -10.0)[None].astype("float32")  # "older than k<10"
+    wrong = np.where(np.arange(20) < 16, 10.0, -10.0)[None].astype("float32")
+    assert float(np.asarray(loss(y, right))[0]) < float(np.asarray(loss(y, wrong))[0])
+
+
+def test_bgr_to_rgb_reverses_channels():
+    pixel = np.array([[[[1.0, 2.0, 3.0]]]], "float32")
+    np.testing.assert_array_equal(np.asarray(BgrToRgb()(pixel)), pixel[..., ::-1])
+
+
+def test_imagenet_weights_offline_raise_a_clear_runtime_error():
+    try:
+        build_model(backbone="mobilenet_v3_small", image_size=32, weights="imagenet",
+                    width=8, dropout=0.0, age_head="regression", age_bins=101)
+    except RuntimeError as err:
+        assert "ImageNet weights" in str(err) and "mobilenet_v3_small" in str(err)
+        assert err.__cause__ is not None  # the download error is kept for the reader
+    else:
+        pytest.skip("ImageNet weights were reachable here (network or ~/.keras cache)")
+
+
+def test_unknown_backbone_names_the_allowed_values():
+    with pytest.raises(ValueError, match="unknown backbone 'resnet18'") as info:
+        build_model(backbone="resnet18", image_size=32, weights=None, width=8,
+                    dropout=0.0, age_head="dldl", age_bins=101)
+    assert all(name in str(info.value) for name in BACKBONES)
+
+
+def test_unknown_age_head_and_bad_weights_are_rejected():
+    with pytest.raises(ValueError, match="allowed: regression, dldl, ordinal"):
+        build_model(backbone="compact", image_size=32, weights=None, width=8,
+                    dropout=0.0, age_head="softmax", age_bins=101)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        build_model(backbone="compact", image_size=32, weights="imagenet", width=8,
+                    dropout=0.0, age_head="dldl", age_bins=101)
+
+
+@pytest.mark.parametrize(("backbone", "age_head"),
+                         [("compact", "dldl"), ("compact", "regression"),
+                          ("compact", "ordinal"), ("mobilenet_v3_small", "dldl")])
+def test_saved_keras_file_reloads_with_same_predictions(tmp_path, backbone, age_head):
+    model = build_model(backbone=backbone, image_size=32, weights=None, width=8,
+                        dropout=0.3, age_head=age_head, age_bins=101)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    images = _images(32, seed=1)
+    expected, got = _predict(model, images), _predict(reloaded, images)
+    for name in ("age", "gender"):
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5)
