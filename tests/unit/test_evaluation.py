@@ -1,0 +1,311 @@
+"""Test-split metrics against hand-computed values, the plots, and every branch of the gate."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, roc_auc_score
+
+from agegender.config import GateParams, ValidateParams
+from agegender.evaluation import compute_metrics, decide_gates, save_plots, scalar_metrics
+
+BUCKETS = ValidateParams().age_buckets  # 0-9, 10-19, 20-29, 30-44, 45-59, 60-116
+
+# 12 faces: 5 White, 5 Black, 1 Asian (too few to be a group), 1 of unknown race.
+AGE_TRUE = np.array([5, 15, 25, 35, 50, 70, 20, 30, 40, 12, 60, 33], float)
+AGE_ERROR = np.array([1, -2, 3, -4, 6, 0, 2, -2, 2, -2, 10, 7], float)
+GENDER = np.array([1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0])
+# White: right, right, wrong (0.4), wrong (0.6), right at exactly 0.5; Black: all right.
+FEMALE_PROB = np.array([0.9, 0.2, 0.4, 0.6, 0.5, 0.1, 0.8, 0.3, 0.7, 0.45, 0.95, 0.05])
+RACE = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, -1])
+
+
+def metrics(**overrides) -> dict:
+    arrays = {
+        "age_true": AGE_TRUE,
+        "age_pred": AGE_TRUE + AGE_ERROR,
+        "gender_true": GENDER,
+        "female_prob": FEMALE_PROB,
+        "race": RACE,
+        "age_buckets": BUCKETS,
+    }
+    return compute_metrics(**{**arrays, **overrides})
+
+
+def test_age_metrics_match_hand_computed_values():
+    m = metrics()
+    assert m["n_samples"] == 12
+    assert m["age_mae"] == round(41 / 12, 4)
+    assert m["age_rmse"] == round(math.sqrt(231 / 12), 4)
+    assert m["age_cs5"] == 0.75  # 9 of 12 errors are within 5 years, the 5 itself included
+    assert m["age_mae_by_bucket"] == {
+        "0-9": 1.0,
+        "10-19": 2.0,
+        "20-29": 2.5,
+        "30-44": 3.75,
+        "45-59": 6.0,
+        "60-116": 5.0,
+    }
+
+
+def test_empty_age_bucket_is_none():
+    by_bucket = metrics(age_buckets=[0, 10, 20, 30, 45, 60, 80, 117])["age_mae_by_bucket"]
+    assert by_bucket["60-79"] == 5.0
+    assert by_bucket["80-116"] is None
+
+
+def test_gender_metrics_match_sklearn_and_hand_computed_values():
+    m = metrics()
+    assert m["gender_accuracy"] == round(10 / 12, 4)
+    assert m["gender_confusion_matrix"] == [[5, 1], [1, 5]]  # [[tn, fp], [fn, tp]]
+    assert m["gender_f1"] == round(f1_score(GENDER, FEMALE_PROB >= 0.5), 4) == round(10 / 12, 4)
+    assert m["gender_roc_auc"] == round(roc_auc_score(GENDER, FEMALE_PROB), 4)
+    assert m["gender_roc_auc"] == round(33 / 36, 4)
+    assert m["gender_accuracy_18plus"] == round(7 / 9, 4)  # the 5, 12 and 15 year olds are out
+
+
+def test_race_groups_and_gaps():
+    m = metrics()
+    assert m["by_race"] == {
+        "White": {"n_samples": 5, "age_mae": 3.2, "gender_accuracy": 0.6},
+        "Black": {"n_samples": 5, "age_mae": 1.6, "gender_accuracy": 1.0},
+    }
+    assert m["age_mae_group_gap"] == 1.6
+    assert m["gender_accuracy_group_gap"] == 0.4
+
+
+def test_undefined_metrics_are_none():
+    m = metrics(
+        age_true=np.full(4, 10.0),
+        age_pred=np.full(4, 12.0),
+        gender_true=np.ones(4, int),
+        female_prob=np.array([0.9, 0.8, 0.4, 0.7]),
+        race=np.array([0, 0, 1, -1]),
+    )
+    assert m["gender_roc_auc"] is None  # a single class
+    assert m["gender_accuracy_18plus"] is None  # no adults
+    assert m["by_race"] == {}
+    assert m["age_mae_group_gap"] is None
+    assert m["gender_accuracy_group_gap"] is None
+
+
+def test_metrics_are_plain_json_types():
+    def check(value):
+        if isinstance(value, dict):
+            assert all(type(k) is str for k in value)
+            for v in value.values():
+                check(v)
+        elif isinstance(value, list):
+            for v in value:
+                check(v)
+        else:
+            assert value is None or type(value) in (int, float), value
+
+    m = metrics()
+    check(m)
+    assert json.loads(json.dumps(m)) == m
+
+
+def test_scalar_metrics_keep_only_defined_numbers():
+    scalars = scalar_metrics(metrics(gender_true=np.ones(12, int)))
+    assert "gender_roc_auc" not in scalars
+    assert "by_race" not in scalars and "gender_confusion_matrix" not in scalars
+    assert {"age_mae", "age_rmse", "age_cs5", "gender_accuracy", "age_mae_group_gap"} <= set(
+        scalars
+    )
+    assert all(type(v) in (int, float) for v in scalars.values())
+
+
+def test_mismatched_lengths_are_rejected():
+    with pytest.raises(ValueError, match="equal length"):
+        metrics(race=RACE[:-1])
+
+
+def plot_arrays(**overrides) -> dict:
+    arrays = {
+        "age_true": AGE_TRUE,
+        "age_pred": AGE_TRUE + AGE_ERROR,
+        "gender_true": GENDER,
+        "female_prob": FEMALE_PROB,
+        "age_buckets": BUCKETS,
+    }
+    return {**arrays, **overrides}
+
+
+def test_plots_and_their_data_are_written(tmp_path: Path):
+    paths = save_plots(tmp_path / "plots", **plot_arrays())
+    names = {p.name for p in paths}
+    assert names == {
+        "predictions.csv",
+        "age_scatter.png",
+        "age_mae_by_bucket.json",
+        "age_mae_by_bucket.png",
+        "gender_confusion.png",
+        "roc.csv",
+        "gender_roc.png",
+    }
+    for path in paths:
+        assert path.is_file() and path.stat().st_size > 0
+        if path.suffix == ".png":
+            assert path.read_bytes().startswith(b"\x89PNG")
+    with (tmp_path / "plots" / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12
+    assert list(rows[0]) == ["true_age", "pred_age", "gender", "pred_gender", "female_prob"]
+    assert rows[4] == {
+        "true_age": "50.0",
+        "pred_age": "56.0",
+        "gender": "1",
+        "pred_gender": "1",
+        "female_prob": "0.5",
+    }
+    bars = json.loads((tmp_path / "plots" / "age_mae_by_bucket.json").read_text())
+    assert bars[0] == {"bucket": "0-9", "mae": 1.0}
+
+
+def test_roc_is_skipped_for_a_single_gender(tmp_path: Path):
+    paths = save_plots(tmp_path, **plot_arrays(gender_true=np.ones(12, int)))
+    assert not {"roc.csv", "gender_roc.png"} & {p.name for p in paths}
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+GATES = GateParams(
+    max_age_mae=15.0,
+    min_gender_accuracy=0.6,
+    max_group_gap=10.0,
+    min_improvement=0.05,
+    max_gender_accuracy_drop=0.01,
+)
+
+
+def result(age_mae=10.0, gender_accuracy=0.8, gap: float | None = 2.0) -> dict:
+    """The keys of compute_metrics that the gate reads."""
+    return {"age_mae": age_mae, "gender_accuracy": gender_accuracy, "age_mae_group_gap": gap}
+
+
+def failed(decision: dict) -> list[str]:
+    return [c["name"] for c in decision["checks"] if not c["passed"]]
+
+
+def test_no_champion_pass():
+    decision = decide_gates(result(), None, GATES)
+    assert decision["absolute_pass"] and decision["full_pass"]
+    assert not decision["has_champion"]
+    assert [(c["name"], c["kind"]) for c in decision["checks"]] == [
+        ("max_age_mae", "absolute"),
+        ("min_gender_accuracy", "absolute"),
+        ("max_group_gap", "absolute"),
+    ]
+    assert decision["checks"][0] == {
+        "name": "max_age_mae",
+        "kind": "absolute",
+        "value": 10.0,
+        "threshold": 15.0,
+        "passed": True,
+    }
+    assert "no champion" in decision["summary"] and "\n" not in decision["summary"]
+
+
+def test_no_champion_fail_full_pass_follows_absolute():
+    decision = decide_gates(result(age_mae=20.0), None, GATES)
+    assert decision["absolute_pass"] is decision["full_pass"] is False
+    assert decision["summary"] == "failed max_age_mae: 20.0 > 15.0"
+
+
+@pytest.mark.parametrize(
+    ("candidate", "check"),
+    [
+        (result(age_mae=15.0001), "max_age_mae"),
+        (result(gender_accuracy=0.5999), "min_gender_accuracy"),
+        (result(gap=10.0001), "max_group_gap"),
+    ],
+)
+def test_each_absolute_check_fails_alone(candidate, check):
+    decision = decide_gates(candidate, result(age_mae=20.0, gender_accuracy=0.5), GATES)
+    assert failed(decision) == [check]
+    assert not decision["absolute_pass"] and not decision["full_pass"]
+    assert check in decision["summary"]
+
+
+def test_absolute_thresholds_are_inclusive():
+    decision = decide_gates(result(age_mae=15.0, gender_accuracy=0.6, gap=10.0), None, GATES)
+    assert decision["full_pass"] and failed(decision) == []
+
+
+def test_no_measurable_group_gap_passes():
+    decision = decide_gates(result(gap=None), None, GATES)
+    gap_check = next(c for c in decision["checks"] if c["name"] == "max_group_gap")
+    assert gap_check["passed"] and gap_check["value"] is None
+    assert decision["full_pass"]
+
+
+def test_champion_beaten_passes_with_relative_checks():
+    decision = decide_gates(result(age_mae=9.0), result(age_mae=10.0), GATES)
+    assert decision["has_champion"] and decision["absolute_pass"] and decision["full_pass"]
+    relative = [c for c in decision["checks"] if c["kind"] == "relative"]
+    assert relative == [
+        {
+            "name": "min_improvement",
+            "kind": "relative",
+            "value": 1.0,
+            "threshold": 0.05,
+            "passed": True,
+        },
+        {
+            "name": "max_gender_accuracy_drop",
+            "kind": "relative",
+            "value": 0.0,
+            "threshold": 0.01,
+            "passed": True,
+        },
+    ]
+    assert "improves" in decision["summary"]
+
+
+def test_improvement_too_small_fails_only_the_relative_gate():
+    decision = decide_gates(result(age_mae=9.96), result(age_mae=10.0), GATES)
+    assert decision["absolute_pass"] and not decision["full_pass"]
+    assert failed(decision) == ["min_improvement"]
+    assert decision["summary"] == "failed min_improvement: 0.04 < 0.05"
+
+
+def test_worse_than_champion_fails():
+    decision = decide_gates(result(age_mae=11.0), result(age_mae=10.0), GATES)
+    assert failed(decision) == ["min_improvement"]
+    assert decision["checks"][3]["value"] == -1.0
+
+
+def test_gender_drop_too_large_fails():
+    decision = decide_gates(result(age_mae=9.0, gender_accuracy=0.7899), result(), GATES)
+    assert failed(decision) == ["max_gender_accuracy_drop"]
+    assert decision["absolute_pass"] and not decision["full_pass"]
+
+
+def test_relative_thresholds_are_exact_at_the_edge():
+    # in floats 8.1 - 8.05 < 0.05 and 0.81 - 0.8 > 0.01; both are ties and must pass
+    decision = decide_gates(
+        result(age_mae=8.05, gender_accuracy=0.8), result(age_mae=8.1, gender_accuracy=0.81), GATES
+    )
+    assert decision["full_pass"], decision["summary"]
+    assert [c["value"] for c in decision["checks"][3:]] == [0.05, 0.01]
+
+
+def test_zero_min_improvement_accepts_a_tie():
+    gates = GATES.model_copy(update={"min_improvement": 0.0})
+    assert decide_gates(result(), result(), gates)["full_pass"]
+
+
+def test_absolute_failure_blocks_even_when_the_champion_is_beaten():
+    decision = decide_gates(result(age_mae=16.0), result(age_mae=18.0), GATES)
+    assert failed(decision) == ["max_age_mae"]
+    assert not decision["absolute_pass"] and not decision["full_pass"]
+
+
+def test_gate_on_real_metric_dicts():
+    candidate = metrics()
+    decision = decide_gates(candidate, None, GATES)
+    assert decision["full_pass"]
+    assert decision["checks"][2]["value"] == candidate["age_mae_group_gap"] == 1.6
