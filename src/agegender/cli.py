@@ -18,6 +18,8 @@ from agegender.config import ConfigError, Params, load_params
 app = typer.Typer(help="Age and gender estimation from face images: pipeline stages and tools.", no_args_is_help=True)
 data_app = typer.Typer(help="Manage the raw dataset in data/ (tracked by DVC in data.dvc).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+registry_app = typer.Typer(help="The registered model in the MLflow model registry: versions and aliases.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
 console = Console(stderr=True)
 
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="Parameters file.")
@@ -160,6 +162,135 @@ def train_command(params_file: Path = PARAMS) -> None:
             f"{c['val_gender_accuracy']}, {c['train_seconds']} s, run {c['run_id']}"
         )
     console.print(f"Winner's model, card and candidates.json in {ARTIFACTS / 'model'}/")
+
+
+@app.command("evaluate")
+def evaluate_command(params_file: Path = PARAMS) -> None:
+    """Score the trained model and the current champion on the test split; decide the gates."""
+    import mlflow
+
+    from agegender.evaluation import evaluate_candidate, log_evaluation
+    from agegender.registry import champion, champion_uri
+    from agegender.tracking import configure_tracking
+
+    params = params_or_exit(params_file)
+    configure_tracking(Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI"))
+    name = params.registry.model_name
+    current = champion(mlflow.MlflowClient(), name)
+    out_dir = ARTIFACTS / "eval"
+    console.print(
+        f"Evaluating {ARTIFACTS / 'model'} on the test split"
+        + (f" against champion version {current.version}" if current else " (no champion yet)")
+    )
+    try:
+        decision = evaluate_candidate(
+            ARTIFACTS / "model", ARTIFACTS / "prepared", DATA_DIR, out_dir,
+            champion_uri=champion_uri(name) if current else None,
+            gates=params.gates, age_buckets=params.validate_.age_buckets,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        raise fail(str(err)) from None
+    log_evaluation(out_dir, ARTIFACTS / "model")
+    for check in decision["checks"]:
+        mark = "[green]pass[/]" if check["passed"] else "[red]FAIL[/]"
+        console.print(f"  {mark} {check['name']}: {check['value']} (threshold {check['threshold']})")
+    console.print(f"{decision['summary']}\nMetrics, plots and gate.json in {out_dir}/")
+
+
+@app.command("register")
+def register_command(params_file: Path = PARAMS) -> None:
+    """Register the evaluated model as a new version; move aliases as the gate decided."""
+    import json
+
+    import mlflow
+
+    from agegender.registry import register_candidate
+    from agegender.tracking import configure_tracking
+
+    params = params_or_exit(params_file)
+    configure_tracking(Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI"))
+    decision = json.loads((ARTIFACTS / "eval" / "gate.json").read_text())
+    card = json.loads((ARTIFACTS / "model" / "card.json").read_text())
+    metrics = json.loads((ARTIFACTS / "eval" / "metrics.json").read_text())
+    run_id = card["mlflow_run_id"]
+    result = register_candidate(
+        mlflow.MlflowClient(),
+        model_name=params.registry.model_name,
+        model_uri=f"runs:/{run_id}/model",
+        run_id=run_id,
+        tags={
+            "data_version": card["data_version"],
+            "git_commit": mlflow.get_run(run_id).data.tags.get("git_commit", "unknown"),
+            "params_hash": params_hash(params),
+            **{f"test_{k}": str(v) for k, v in metrics.items() if isinstance(v, int | float)},
+        },
+        decision=decision,
+    )
+    out = ARTIFACTS / "registry" / "registration.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+    console.print(result.summary)
+
+
+def registry_client(params_file: Path):
+    import mlflow
+
+    from agegender.tracking import configure_tracking
+
+    params = params_or_exit(params_file)
+    configure_tracking(Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI"))
+    return mlflow.MlflowClient(), params.registry.model_name
+
+
+@registry_app.command("list")
+def registry_list_command(params_file: Path = PARAMS) -> None:
+    """Every registered version with its aliases, data version, metrics and gate outcome."""
+    from agegender.registry import list_versions
+
+    client, name = registry_client(params_file)
+    versions = list_versions(client, name)
+    if not versions:
+        console.print(f"No versions of '{name}' registered yet")
+        return
+    for v in versions:
+        aliases = ", ".join(v["aliases"]) or "-"
+        metrics = ", ".join(f"{k} {v['metrics'][k]}" for k in ("age_mae", "gender_accuracy") if k in v["metrics"])
+        print(
+            f"{name} v{v['version']}  aliases: {aliases}  data {str(v['data_version'])[:8]}  {metrics}  "
+            f"run {v['run_id']}  {v['created']}\n    gate: {v['gate_summary']}"
+        )
+
+
+@registry_app.command("promote")
+def registry_promote_command(version: str, params_file: Path = PARAMS) -> None:
+    """Make VERSION the champion (the previous champion is kept in the history for rollback)."""
+    from agegender.registry import RegistryError, promote
+
+    client, name = registry_client(params_file)
+    try:
+        promote(client, name, version)
+    except RegistryError as err:
+        raise fail(str(err)) from None
+    console.print(f"'{name}' version {version} is now the champion")
+
+
+@registry_app.command("rollback")
+def registry_rollback_command(params_file: Path = PARAMS) -> None:
+    """Return the champion alias to the previous champion."""
+    from agegender.registry import RegistryError, rollback
+
+    client, name = registry_client(params_file)
+    try:
+        version = rollback(client, name).version
+    except RegistryError as err:
+        raise fail(str(err)) from None
+    console.print(f"'{name}' champion rolled back to version {version}")
+
+
+def params_hash(params: Params) -> str:
+    import hashlib
+
+    return hashlib.sha256(params.model_dump_json(by_alias=True).encode()).hexdigest()[:12]
 
 
 if __name__ == "__main__":

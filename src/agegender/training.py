@@ -170,9 +170,9 @@ def compile_for_training(model: keras.Model, cfg: TrainParams, *, steps_per_epoc
     """Compile the model (or its view with age logits, for dldl/ordinal) with losses, weights and schedule."""
     losses = {"age": "mae", "gender": "binary_crossentropy"}
     weights = {"age": cfg.loss_weights.age, "gender": cfg.loss_weights.gender}
-    fit_model = model
+    # Compile a view over the same layers so the saved model carries no optimizer state.
+    fit_model = training_view(model)
     if cfg.age_head != "regression":
-        fit_model = training_view(model)
         losses["age_logits"] = age_logits_loss(cfg.age_head, age_bins=cfg.age_bins, sigma=cfg.age_sigma)
         weights["age_logits"] = cfg.loss_weights.age_distribution
     elif cfg.loss_weights.age == 0:
