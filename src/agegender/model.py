@@ -104,7 +104,8 @@ def _conv_bn(x, filters: int, kernel: int, *, strides: int = 1, separable: bool 
     conv = layers.SeparableConv2D if separable else layers.Conv2D
     x = conv(filters, kernel, strides=strides, padding="same", use_bias=False,
              name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    # momentum 0.9: moving statistics settle within an epoch or two even on small (demo) datasets
+    x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 
