@@ -8,6 +8,7 @@ commands so `--help` and data ingest stay fast.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -48,45 +49,50 @@ def ingest_command(
     params_file: Path = PARAMS,
 ) -> None:
     """Write SOURCE into data/ (images + labels.csv), track it with DVC and push it if a remote is set."""
-    from agegender.data.ingest import ingest
-    from agegender.data.sources import SourceError
-    from agegender.data.versioning import VersioningError, data_version, push_dataset, track_dataset
+    from agegender.data.fetch import ingest_tracked
 
     params = params_or_exit(params_file)
-    repo_root = Path.cwd()
     console.print(f"Ingesting {source!r} into {DATA_DIR}/{' (append)' if append else ''}")
-    try:
-        report = ingest(
-            source, DATA_DIR, append=append, demo=params.data.demo, track=lambda: track_dataset(repo_root, DATA_DIR)
-        )
-    except (SourceError, VersioningError, OSError) as err:
-        raise fail(f"{err}\nNothing was changed in {DATA_DIR}/.") from None
-    console.print(
-        f"{report.added} images added, {report.skipped_duplicates} skipped (content already present), "
-        f"{report.total} in {DATA_DIR}/labels.csv; DVC version {data_version(Path('data.dvc'))} in data.dvc"
-    )
-    if source == "demo":
-        console.print("[yellow]This is the procedurally drawn DEMO dataset, not real faces.[/]")
-    try:
-        remote = push_dataset(repo_root, DATA_DIR)
-    except VersioningError as err:
-        console.print(f"[yellow]warning:[/] {err}; the dataset is tracked locally, run `dvc push` later")
-    else:
-        console.print(f"Pushed to DVC remote '{remote}'" if remote else "No DVC remote set: not pushed")
+    with data_errors():
+        report_fetch(ingest_tracked(Path.cwd(), source, append=append, demo=params.data.demo))
 
 
 @data_app.command("fetch")
 def fetch_command(params_file: Path = PARAMS) -> None:
     """Get the dataset data.dvc names (DVC cache or remote); if none has it, ingest data.source."""
-    from agegender.data.versioning import data_version, pull_dataset
+    from agegender.data.fetch import fetch_dataset
 
     params = params_or_exit(params_file)
-    console.print("Fetching the dataset named by data.dvc (dvc pull)")
-    if pull_dataset(Path.cwd(), DATA_DIR):
-        console.print(f"{DATA_DIR}/ is at DVC version {data_version(Path('data.dvc'))}")
+    console.print(f"Fetching the dataset named by data.dvc (dvc pull), else ingesting data.source={params.data.source!r}")
+    with data_errors():
+        report_fetch(fetch_dataset(Path.cwd(), params.data.source, params.data.demo))
+
+
+@contextmanager
+def data_errors():
+    from agegender.data.sources import SourceError
+    from agegender.data.versioning import VersioningError
+
+    try:
+        yield
+    except (SourceError, VersioningError, OSError) as err:
+        raise fail(f"{err}\nNothing was changed in {DATA_DIR}/.") from None
+
+
+def report_fetch(result: dict) -> None:
+    if result["how"] == "dvc pull":
+        console.print(f"{DATA_DIR}/ is at DVC version {result['data_version']} (dvc pull)")
         return
-    console.print(f"No DVC copy found; ingesting data.source={params.data.source!r}")
-    ingest_command(source=params.data.source, append=False, params_file=params_file)
+    console.print(
+        f"{result['added']} images added, {result['skipped_duplicates']} skipped (content already present), "
+        f"{result['total']} in {DATA_DIR}/labels.csv; DVC version {result['data_version']} in data.dvc"
+    )
+    if result["demo"]:
+        console.print("[yellow]This is the procedurally drawn DEMO dataset, not real faces.[/]")
+    if result["push_error"]:
+        console.print(f"[yellow]warning:[/] {result['push_error']}; the dataset is tracked locally, run `dvc push` later")
+    else:
+        console.print(f"Pushed to DVC remote '{result['remote']}'" if result["remote"] else "No DVC remote set: not pushed")
 
 
 @app.command("validate")
