@@ -88,7 +88,7 @@ def load_faces(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         h, w = img.shape[:2]
         side = int(round(min(h, w) * CROP_FRACTION))
         top, left = (h - side) // 2, (w - side) // 2
-        crop = img[top:top + side, left:left + side]
+        crop = img[top : top + side, left : left + side]
         images.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA))
         ages.append(int(fields[0]))
         genders.append(int(fields[1]))
@@ -122,8 +122,13 @@ def augment(images: tf.Tensor) -> tf.Tensor:
     zeros = tf.zeros([n])
     transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
     images = tf.raw_ops.ImageProjectiveTransformV3(
-        images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
-        fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
+        images=images,
+        transforms=transforms,
+        output_shape=tf.shape(images)[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="REFLECT",
+    )
     mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
     contrast = tf.random.uniform([n, 1, 1, 1], 0.75, 1.25)
     brightness = tf.random.uniform([n, 1, 1, 1], -25.0, 25.0)
@@ -160,9 +165,15 @@ class TimeBudget(keras.callbacks.Callback):
 
 def train(cfg: RunConfig, data: dict) -> tuple[keras.Model, dict]:
     keras.utils.set_random_seed(SEED)
-    model = build_model(backbone="compact", image_size=cfg.image_size, weights=None,
-                        width=cfg.width, dropout=cfg.dropout, age_head=cfg.age_head,
-                        age_bins=cfg.age_bins)
+    model = build_model(
+        backbone="compact",
+        image_size=cfg.image_size,
+        weights=None,
+        width=cfg.width,
+        dropout=cfg.dropout,
+        age_head=cfg.age_head,
+        age_bins=cfg.age_bins,
+    )
     losses = {"age": "mae", "gender": "binary_crossentropy"}
     weights = {"age": cfg.w_age, "gender": cfg.w_gender}
     fit_model = training_view(model)  # compiled instead of `model`: no optimizer in the file
@@ -174,18 +185,24 @@ def train(cfg: RunConfig, data: dict) -> tuple[keras.Model, dict]:
     steps = math.ceil(len(data["train"][0]) / cfg.batch_size)
     warmup = cfg.warmup_epochs * steps
     schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=cfg.lr / 20, decay_steps=max(1, cfg.epochs * steps - warmup),
-        warmup_target=cfg.lr, warmup_steps=warmup, alpha=0.01)
+        initial_learning_rate=cfg.lr / 20,
+        decay_steps=max(1, cfg.epochs * steps - warmup),
+        warmup_target=cfg.lr,
+        warmup_steps=warmup,
+        alpha=0.01,
+    )
     fit_model.compile(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
-        loss=losses, loss_weights=weights,
-        metrics={"age": ["mae"], "gender": ["binary_accuracy"]})
+        loss=losses,
+        loss_weights=weights,
+        metrics={"age": ["mae"], "gender": ["binary_accuracy"]},
+    )
     budget = TimeBudget(cfg.time_budget_s)
-    stop = keras.callbacks.EarlyStopping(monitor="val_age_mae", mode="min",
-                                         patience=cfg.patience, restore_best_weights=True)
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_age_mae", mode="min", patience=cfg.patience, restore_best_weights=True
+    )
     start = time.monotonic()
-    history = fit_model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
-                            callbacks=[budget, stop], verbose=2)
+    history = fit_model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=[budget, stop], verbose=2)
     wall = time.monotonic() - start
     epochs_run = len(history.history["loss"])
     val_mae = history.history["val_age_mae"]
@@ -202,6 +219,7 @@ def train(cfg: RunConfig, data: dict) -> tuple[keras.Model, dict]:
 # ---------------------------------------------------------------- evaluation
 def evaluate(model: keras.Model, x, age, gender) -> dict:
     """MAE, gender accuracy overall / adults / under 10; also with horizontal-flip TTA."""
+
     def predict(images):
         out = model.predict(images.astype("float32"), batch_size=256, verbose=0)
         return out["age"][:, 0], out["gender"][:, 0]
@@ -212,13 +230,17 @@ def evaluate(model: keras.Model, x, age, gender) -> dict:
 
     def metrics(p_age, p_female, prefix=""):
         correct = (p_female >= 0.5) == (gender == 1)
-        return {f"{prefix}mae": round(float(np.mean(np.abs(p_age - age))), 3),
-                f"{prefix}gender_acc": round(float(np.mean(correct)), 4),
-                f"{prefix}gender_acc_adult": round(float(np.mean(correct[adult])), 4),
-                f"{prefix}gender_acc_under10": round(float(np.mean(correct[child])), 4)}
+        return {
+            f"{prefix}mae": round(float(np.mean(np.abs(p_age - age))), 3),
+            f"{prefix}gender_acc": round(float(np.mean(correct)), 4),
+            f"{prefix}gender_acc_adult": round(float(np.mean(correct[adult])), 4),
+            f"{prefix}gender_acc_under10": round(float(np.mean(correct[child])), 4),
+        }
 
-    return {**metrics(pred_age, pred_female),
-            **metrics((pred_age + flip_age) / 2, (pred_female + flip_female) / 2, "tta_")}
+    return {
+        **metrics(pred_age, pred_female),
+        **metrics((pred_age + flip_age) / 2, (pred_female + flip_female) / 2, "tta_"),
+    }
 
 
 def measure_inference(path: Path, size: int, repeats: int = 30) -> dict:
@@ -257,12 +279,17 @@ def run_one(cfg: RunConfig, faces: dict, splits: dict) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     path = WORK / f"{cfg.name}.keras"
     model.save(path)
-    result = {"config": asdict(cfg), "params": model.count_params(), **fit_info,
-              "val": evaluate(model, *data["val"]), "test": evaluate(model, *data["test"]),
-              "file_mb": round(path.stat().st_size / 2**20, 3),
-              **measure_inference(path, cfg.image_size),
-              "loadavg_before": [round(v, 2) for v in load_before],
-              "loadavg_after": [round(v, 2) for v in os.getloadavg()]}
+    result = {
+        "config": asdict(cfg),
+        "params": model.count_params(),
+        **fit_info,
+        "val": evaluate(model, *data["val"]),
+        "test": evaluate(model, *data["test"]),
+        "file_mb": round(path.stat().st_size / 2**20, 3),
+        **measure_inference(path, cfg.image_size),
+        "loadavg_before": [round(v, 2) for v in load_before],
+        "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+    }
     keras.backend.clear_session()
     return result
 
@@ -287,16 +314,18 @@ def main() -> None:
         splits = split_indices(ages, genders)
         results["meta"] = {
             "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
-            "tensorflow": tf.__version__, "keras": keras.__version__,
-            "images": len(ages), "split_sizes": {k: len(v) for k, v in splits.items()},
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "images": len(ages),
+            "split_sizes": {k: len(v) for k, v in splits.items()},
             "crop": f"centre {CROP_FRACTION:.0%} of the 200px chip, cv2 INTER_AREA, BGR",
-            "under_10_share_test": round(float(np.mean(ages[splits["test"]] < 10)), 3)}
+            "under_10_share_test": round(float(np.mean(ages[splits["test"]] < 10)), 3),
+        }
         print(f"=== {cfg.name}", flush=True)
         results["runs"][cfg.name] = run_one(cfg, faces, splits)
         save_results(results)
         r = results["runs"][cfg.name]
-        print(f"=== {cfg.name}: val {r['val']} test {r['test']} "
-              f"{r['epochs_run']} ep {r['train_wall_s']} s", flush=True)
+        print(f"=== {cfg.name}: val {r['val']} test {r['test']} {r['epochs_run']} ep {r['train_wall_s']} s", flush=True)
 
 
 if __name__ == "__main__":

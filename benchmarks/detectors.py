@@ -76,9 +76,7 @@ def iou(a: Box | tuple[int, int, int, int], b: Box | tuple[int, int, int, int]) 
 
 def background(rng: np.random.Generator, w: int = 640, h: int = 480) -> np.ndarray:
     """Smooth random colours + noise + random shapes: clutter without faces."""
-    img = cv2.resize(
-        rng.integers(0, 256, (3, 4, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC
-    )
+    img = cv2.resize(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
     for _ in range(25):
         color = tuple(int(c) for c in rng.integers(0, 256, 3))
         x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
@@ -125,9 +123,7 @@ def composite(rng: np.random.Generator, chips: list[Path]) -> tuple[np.ndarray, 
 
 
 def _overlap(a: tuple, b: tuple) -> bool:
-    return not (
-        a[0] + a[2] <= b[0] or b[0] + b[2] <= a[0] or a[1] + a[3] <= b[1] or b[1] + b[3] <= a[1]
-    )
+    return not (a[0] + a[2] <= b[0] or b[0] + b[2] <= a[0] or a[1] + a[3] <= b[1] or b[1] + b[3] <= a[1])
 
 
 def timed(det, images: list[np.ndarray]) -> tuple[list, float]:
@@ -191,9 +187,7 @@ def run_composites(det, comps: list[tuple[np.ndarray, list[tuple]]]) -> dict:
                 found += 1
                 ious.append(best[0])
         # a box is a false positive when it overlaps no pasted chip at all
-        fps += sum(
-            1 for i, b in enumerate(boxes) if i not in used and all(iou(b, g) == 0 for g in gts)
-        )
+        fps += sum(1 for i, b in enumerate(boxes) if i not in used and all(iou(b, g) == 0 for g in gts))
     return {
         "n_images": len(comps),
         "n_faces": n_gt,

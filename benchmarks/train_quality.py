@@ -31,7 +31,12 @@ RESULTS = ROOT / "benchmarks" / "results" / "train_quality.json"
 
 # The README's recommended overrides for real data (measured in benchmarks/results/age_head.json).
 REAL_DATA = {
-    "train": {"width": 48, "epochs": 30, "patience": 10, "loss_weights": {"age": 0.1, "age_distribution": 1.0, "gender": 2.0}},
+    "train": {
+        "width": 48,
+        "epochs": 30,
+        "patience": 10,
+        "loss_weights": {"age": 0.1, "age_distribution": 1.0, "gender": 2.0},
+    },
 }
 
 
@@ -55,13 +60,20 @@ def fit_throughput(params: Params, prepared: Path) -> dict:
             data, kwargs = make_dataset(train, cfg, training=True), {}
         else:
             n = len(train["age"]) // cfg.batch_size * cfg.batch_size
-            targets = {"age": train["age"][:n, None], "gender": train["gender"][:n, None], "age_logits": train["age"][:n, None]}
+            targets = {
+                "age": train["age"][:n, None],
+                "gender": train["gender"][:n, None],
+                "age_logits": train["age"][:n, None],
+            }
             data, kwargs = train["images"][:n].astype(np.float32), {"y": targets, "batch_size": cfg.batch_size}
         start = time.perf_counter()
         fit.fit(data, epochs=1, verbose=0, **kwargs)
         rates[source] = len(train["age"]) / (time.perf_counter() - start)
-    return {"tf_data_images_per_s": round(rates["tf_data"], 1), "arrays_images_per_s": round(rates["arrays"], 1),
-            "ratio_tf_data_over_arrays": round(rates["tf_data"] / rates["arrays"], 3)}
+    return {
+        "tf_data_images_per_s": round(rates["tf_data"], 1),
+        "arrays_images_per_s": round(rates["arrays"], 1),
+        "ratio_tf_data_over_arrays": round(rates["tf_data"] / rates["arrays"], 3),
+    }
 
 
 def inference_ms_per_face(model_path: Path, size: int) -> float:
@@ -84,34 +96,71 @@ def main() -> None:
         ingest(str(UTKFACE), data, append=False, demo=params.data.demo)
         validate_dataset(data, artifacts / "validation", params.validate_)
         start = time.perf_counter()
-        stats = prepare_dataset(artifacts / "validation/manifest.csv", data, artifacts / "prepared",
-                                params.preprocess, params.validate_.age_buckets)
+        stats = prepare_dataset(
+            artifacts / "validation/manifest.csv",
+            data,
+            artifacts / "prepared",
+            params.preprocess,
+            params.validate_.age_buckets,
+        )
         preprocess_s = time.perf_counter() - start
         configure_tracking(tmp, f"sqlite:///{tmp / 'mlflow.db'}")
         start = time.perf_counter()
-        (winner,) = train_candidates(artifacts / "prepared", artifacts / "model", params,
-                                     data_version="benchmark", git_commit="benchmark", run_name="benchmark")
+        (winner,) = train_candidates(
+            artifacts / "prepared",
+            artifacts / "model",
+            params,
+            data_version="benchmark",
+            git_commit="benchmark",
+            run_name="benchmark",
+        )
         train_s = time.perf_counter() - start
-        evaluate_candidate(artifacts / "model", artifacts / "prepared", data, artifacts / "eval",
-                           champion_uri=None, gates=params.gates, age_buckets=params.validate_.age_buckets)
+        evaluate_candidate(
+            artifacts / "model",
+            artifacts / "prepared",
+            data,
+            artifacts / "eval",
+            champion_uri=None,
+            gates=params.gates,
+            age_buckets=params.validate_.age_buckets,
+        )
         test = json.loads((artifacts / "eval/metrics.json").read_text())
         history = (artifacts / "model/history.csv").read_text()
         result = {
             "dataset": "shared/datasets/utkface-part1",
             "params_overrides": REAL_DATA,
-            "preprocess": {"rows": stats["rows"], "seconds": round(preprocess_s, 1),
-                           "images_per_s": round(stats["rows"] / preprocess_s, 1),
-                           "detector": params.preprocess.detector, "detector_hit_rate": stats["detector_hit_rate"],
-                           "splits": {k: v["count"] for k, v in stats["splits"].items()}},
-            "train": {"wall_seconds": round(train_s, 1), "epochs_run": winner["epochs_run"],
-                      "best_epoch": winner["best_epoch"], "val_age_mae": winner["val_age_mae"],
-                      "val_gender_accuracy": winner["val_gender_accuracy"]},
-            "test": {k: test[k] for k in ("age_mae", "age_rmse", "age_cs5", "gender_accuracy",
-                                          "gender_accuracy_18plus", "gender_f1", "gender_roc_auc")},
+            "preprocess": {
+                "rows": stats["rows"],
+                "seconds": round(preprocess_s, 1),
+                "images_per_s": round(stats["rows"] / preprocess_s, 1),
+                "detector": params.preprocess.detector,
+                "detector_hit_rate": stats["detector_hit_rate"],
+                "splits": {k: v["count"] for k, v in stats["splits"].items()},
+            },
+            "train": {
+                "wall_seconds": round(train_s, 1),
+                "epochs_run": winner["epochs_run"],
+                "best_epoch": winner["best_epoch"],
+                "val_age_mae": winner["val_age_mae"],
+                "val_gender_accuracy": winner["val_gender_accuracy"],
+            },
+            "test": {
+                k: test[k]
+                for k in (
+                    "age_mae",
+                    "age_rmse",
+                    "age_cs5",
+                    "gender_accuracy",
+                    "gender_accuracy_18plus",
+                    "gender_f1",
+                    "gender_roc_auc",
+                )
+            },
             "test_by_race": test["by_race"],
             "input_pipeline": fit_throughput(params, artifacts / "prepared"),
-            "inference_ms_per_face_batch32": inference_ms_per_face(artifacts / "model/model.keras",
-                                                                   params.preprocess.image_size),
+            "inference_ms_per_face_batch32": inference_ms_per_face(
+                artifacts / "model/model.keras", params.preprocess.image_size
+            ),
             "model_file_mb": round((artifacts / "model/model.keras").stat().st_size / 1e6, 2),
             "training_curve_csv": history,
             "load_average_at_end": os.getloadavg(),

@@ -19,7 +19,9 @@ from agegender.config import ConfigError, Params, load_params
 app = typer.Typer(help="Age and gender estimation from face images: pipeline stages and tools.", no_args_is_help=True)
 data_app = typer.Typer(help="Manage the raw dataset in data/ (tracked by DVC in data.dvc).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-registry_app = typer.Typer(help="The registered model in the MLflow model registry: versions and aliases.", no_args_is_help=True)
+registry_app = typer.Typer(
+    help="The registered model in the MLflow model registry: versions and aliases.", no_args_is_help=True
+)
 app.add_typer(registry_app, name="registry")
 console = Console(stderr=True)
 
@@ -43,7 +45,8 @@ def params_or_exit(path: Path) -> Params:
 @data_app.command("ingest")
 def ingest_command(
     source: str = typer.Argument(
-        ..., help="'demo', a UTKFace folder or .tar.gz/.zip archive, a CSV manifest (path,age,gender[,race]), or an http(s)/s3/gs URL of an archive."
+        ...,
+        help="'demo', a UTKFace folder or .tar.gz/.zip archive, a CSV manifest (path,age,gender[,race]), or an http(s)/s3/gs URL of an archive.",
     ),
     append: bool = typer.Option(False, "--append", help="Add to the current dataset, skipping images already present."),
     params_file: Path = PARAMS,
@@ -63,7 +66,9 @@ def fetch_command(params_file: Path = PARAMS) -> None:
     from agegender.data.fetch import fetch_dataset
 
     params = params_or_exit(params_file)
-    console.print(f"Fetching the dataset named by data.dvc (dvc pull), else ingesting data.source={params.data.source!r}")
+    console.print(
+        f"Fetching the dataset named by data.dvc (dvc pull), else ingesting data.source={params.data.source!r}"
+    )
     with data_errors():
         report_fetch(fetch_dataset(Path.cwd(), params.data.source, params.data.demo))
 
@@ -90,9 +95,13 @@ def report_fetch(result: dict) -> None:
     if result["demo"]:
         console.print("[yellow]This is the procedurally drawn DEMO dataset, not real faces.[/]")
     if result["push_error"]:
-        console.print(f"[yellow]warning:[/] {result['push_error']}; the dataset is tracked locally, run `dvc push` later")
+        console.print(
+            f"[yellow]warning:[/] {result['push_error']}; the dataset is tracked locally, run `dvc push` later"
+        )
     else:
-        console.print(f"Pushed to DVC remote '{result['remote']}'" if result["remote"] else "No DVC remote set: not pushed")
+        console.print(
+            f"Pushed to DVC remote '{result['remote']}'" if result["remote"] else "No DVC remote set: not pushed"
+        )
 
 
 @app.command("validate")
@@ -156,8 +165,12 @@ def train_command(params_file: Path = PARAMS) -> None:
     console.print(f"Training run {run_name!r} (candidates: {names}), tracked in MLflow at {uri}")
     try:
         candidates = train_candidates(
-            ARTIFACTS / "prepared", ARTIFACTS / "model", params,
-            data_version=version, git_commit=git_commit(root), run_name=run_name,
+            ARTIFACTS / "prepared",
+            ARTIFACTS / "model",
+            params,
+            data_version=version,
+            git_commit=git_commit(root),
+            run_name=run_name,
         )
     except (TrainingError, FileNotFoundError, RuntimeError) as err:
         raise fail(str(err)) from None
@@ -190,9 +203,13 @@ def evaluate_command(params_file: Path = PARAMS) -> None:
     )
     try:
         decision = evaluate_candidate(
-            ARTIFACTS / "model", ARTIFACTS / "prepared", DATA_DIR, out_dir,
+            ARTIFACTS / "model",
+            ARTIFACTS / "prepared",
+            DATA_DIR,
+            out_dir,
             champion_uri=champion_uri(name) if current else None,
-            gates=params.gates, age_buckets=params.validate_.age_buckets,
+            gates=params.gates,
+            age_buckets=params.validate_.age_buckets,
         )
     except (FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None

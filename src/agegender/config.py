@@ -149,7 +149,9 @@ class Params(Section):
             try:
                 self.candidate_train(candidate)
             except ValidationError as err:
-                raise ValueError(f"candidates.{index} ({candidate.name}).train: " + _describe(err, TrainParams)) from None
+                raise ValueError(
+                    f"candidates.{index} ({candidate.name}).train: " + _describe(err, TrainParams)
+                ) from None
         return self
 
     def candidate_train(self, candidate: Candidate) -> TrainParams:

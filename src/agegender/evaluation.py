@@ -114,9 +114,7 @@ def compute_metrics(
         "gender_accuracy": _round(accuracy_score(gender_true, gender_pred)),
         "gender_f1": _round(f1_score(gender_true, gender_pred, pos_label=1, zero_division=0)),
         # AUC is undefined with one class; None rather than sklearn's warning and nan
-        "gender_roc_auc": _round(roc_auc_score(gender_true, female_prob))
-        if len(np.unique(gender_true)) == 2
-        else None,
+        "gender_roc_auc": _round(roc_auc_score(gender_true, female_prob)) if len(np.unique(gender_true)) == 2 else None,
         "gender_accuracy_18plus": _round(accuracy_score(gender_true[adults], gender_pred[adults]))
         if adults.any()
         else None,
@@ -131,9 +129,7 @@ def compute_metrics(
 def scalar_metrics(metrics: dict) -> dict[str, float]:
     """The flat, defined numeric metrics of `compute_metrics`, ready for log_metrics / DVC."""
     return {
-        key: value
-        for key, value in metrics.items()
-        if isinstance(value, int | float) and not isinstance(value, bool)
+        key: value for key, value in metrics.items() if isinstance(value, int | float) and not isinstance(value, bool)
     }
 
 
@@ -193,9 +189,7 @@ def save_plots(
 
     by_bucket = _mae_by_bucket(age_true, age_pred, age_buckets)
     bucket_data = out_dir / "age_mae_by_bucket.json"
-    bucket_data.write_text(
-        json.dumps([{"bucket": name, "mae": mae} for name, mae in by_bucket.items()], indent=2)
-    )
+    bucket_data.write_text(json.dumps([{"bucket": name, "mae": mae} for name, mae in by_bucket.items()], indent=2))
     written.append(bucket_data)
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
@@ -296,9 +290,7 @@ def decide_gates(candidate: dict, champion: dict | None, gates: GateParams) -> d
     failed = [c for c in checks if not c["passed"]]
     if failed:
         summary = "failed " + "; ".join(
-            f"{c['name']}: {c['value']} {'>' if c['name'].startswith('max_') else '<'} "
-            f"{c['threshold']}"
-            for c in failed
+            f"{c['name']}: {c['value']} {'>' if c['name'].startswith('max_') else '<'} {c['threshold']}" for c in failed
         )
     elif champion is None:
         summary = f"passed all {len(checks)} absolute checks; no champion to compare with"
@@ -317,8 +309,14 @@ def decide_gates(candidate: dict, champion: dict | None, gates: GateParams) -> d
 
 
 def evaluate_candidate(
-    model_dir: Path, prepared_dir: Path, data_dir: Path, out_dir: Path, *,
-    champion_uri: str | None, gates: GateParams, age_buckets: list[int],
+    model_dir: Path,
+    prepared_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    *,
+    champion_uri: str | None,
+    gates: GateParams,
+    age_buckets: list[int],
 ) -> dict:
     """Score the trained model and the current champion on the same test split, and decide the gates.
 
@@ -364,8 +362,10 @@ def load_test_split(prepared_dir: Path, data_dir: Path) -> pd.DataFrame:
 def score_predictor(predictor, test: pd.DataFrame, age_buckets: list[int]) -> tuple[dict, dict]:
     ages, female = predictor.predict_chips(list(test["image"]))
     predictions = {
-        "age_true": test["age"].to_numpy(float), "age_pred": ages,
-        "gender_true": test["gender"].to_numpy(int), "female_prob": female,
+        "age_true": test["age"].to_numpy(float),
+        "age_pred": ages,
+        "gender_true": test["gender"].to_numpy(int),
+        "female_prob": female,
     }
     metrics = compute_metrics(race=test["race"].fillna(-1).to_numpy(int), age_buckets=age_buckets, **predictions)
     return metrics, predictions
@@ -382,9 +382,16 @@ def log_evaluation(eval_dir: Path, model_dir: Path) -> None:
     for name, value in scalar_metrics(metrics).items():
         client.log_metric(run_id, f"test_{name}", value)
     client.log_artifacts(run_id, str(eval_dir), artifact_path="evaluation")
-    tags = {"gate.absolute_pass": decision["absolute_pass"], "gate.full_pass": decision["full_pass"],
-            "gate.summary": decision["summary"]}
-    tags.update({f"gate.{c['name']}": f"{c['value']} vs {c['threshold']}: {'pass' if c['passed'] else 'fail'}"
-                 for c in decision["checks"]})
+    tags = {
+        "gate.absolute_pass": decision["absolute_pass"],
+        "gate.full_pass": decision["full_pass"],
+        "gate.summary": decision["summary"],
+    }
+    tags.update(
+        {
+            f"gate.{c['name']}": f"{c['value']} vs {c['threshold']}: {'pass' if c['passed'] else 'fail'}"
+            for c in decision["checks"]
+        }
+    )
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value))

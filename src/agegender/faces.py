@@ -259,9 +259,7 @@ class HaarDetector:
                 minSize=(self.min_size, self.min_size),
                 outputRejectLevels=True,
             )
-        found = [
-            (*r, s) for r, s in zip(rects, np.ravel(weights) if len(rects) else [], strict=True)
-        ]
+        found = [(*r, s) for r, s in zip(rects, np.ravel(weights) if len(rects) else [], strict=True)]
         return _boxes(found, scale, p, img.shape)
 
 

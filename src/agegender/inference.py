@@ -42,8 +42,11 @@ class Predictor:
 
         spec = load_spec(model_dir / "spec.json")
         model = keras.saving.load_model(model_dir / "model.keras", compile=False)
-        return cls(model, spec, ModelInfo(name=str(model_dir), version=None, data_version=spec.data_version,
-                                          uri=str(model_dir)))
+        return cls(
+            model,
+            spec,
+            ModelInfo(name=str(model_dir), version=None, data_version=spec.data_version, uri=str(model_dir)),
+        )
 
     @classmethod
     def from_registry(cls, uri: str) -> Predictor:
@@ -54,8 +57,9 @@ class Predictor:
         spec_path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="outputs/spec.json")
         model = mlflow.tensorflow.load_model(f"models:/{name}/{version.version}")
         spec = load_spec(Path(spec_path))
-        return cls(model, spec, ModelInfo(name=name, version=str(version.version),
-                                          data_version=spec.data_version, uri=uri))
+        return cls(
+            model, spec, ModelInfo(name=name, version=str(version.version), data_version=spec.data_version, uri=uri)
+        )
 
     def predict_crops(self, crops: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """(age in years, probability of female) for crops made by `crop_face` with this model's spec."""
@@ -78,8 +82,11 @@ class Predictor:
         """Every face the detector finds in an arbitrary image, with box, age and gender."""
         image = to_bgr(image)
         boxes = self.detector.detect(image)
-        crops = np.stack([crop_face(image, b, margin=self.spec.margin, size=self.spec.image_size) for b in boxes]) \
-            if boxes else np.zeros((0, self.spec.image_size, self.spec.image_size, 3), np.uint8)
+        crops = (
+            np.stack([crop_face(image, b, margin=self.spec.margin, size=self.spec.image_size) for b in boxes])
+            if boxes
+            else np.zeros((0, self.spec.image_size, self.spec.image_size, 3), np.uint8)
+        )
         ages, female = self.predict_crops(crops)
         return [face_result(box, float(age), float(p)) for box, age, p in zip(boxes, ages, female, strict=True)]
 

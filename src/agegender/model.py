@@ -94,16 +94,15 @@ def _compact_backbone(x, width: int):
     """
     x = _conv_bn(x, width, 3, strides=2, name="stem")
     for stage, (mult, separable) in enumerate([(1, False), (2, False), (4, True), (8, True)]):
-        x = _residual_block(x, width * mult, strides=1 if stage == 0 else 2,
-                            separable=separable, name=f"stage{stage + 1}")
+        x = _residual_block(
+            x, width * mult, strides=1 if stage == 0 else 2, separable=separable, name=f"stage{stage + 1}"
+        )
     return layers.GlobalAveragePooling2D(name="pool")(x)
 
 
-def _conv_bn(x, filters: int, kernel: int, *, strides: int = 1, separable: bool = False,
-             relu: bool = True, name: str):
+def _conv_bn(x, filters: int, kernel: int, *, strides: int = 1, separable: bool = False, relu: bool = True, name: str):
     conv = layers.SeparableConv2D if separable else layers.Conv2D
-    x = conv(filters, kernel, strides=strides, padding="same", use_bias=False,
-             name=f"{name}_conv")(x)
+    x = conv(filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
     # momentum 0.9: moving statistics settle within an epoch or two even on small (demo) datasets
     x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x) if relu else x
@@ -130,8 +129,7 @@ def _application_backbone(inputs, backbone: str, weights: str | None):
             x = layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(x)
         # efficientnet_b0 carries its own Rescaling + Normalization and takes 0..255 RGB.
     factory = {
-        "mobilenet_v3_small": lambda **kw: keras.applications.MobileNetV3Small(
-            include_preprocessing=False, **kw),
+        "mobilenet_v3_small": lambda **kw: keras.applications.MobileNetV3Small(include_preprocessing=False, **kw),
         "efficientnet_b0": keras.applications.EfficientNetB0,
         "resnet50": keras.applications.ResNet50,
         "vgg16": keras.applications.VGG16,
@@ -166,8 +164,9 @@ def _age_head(x, age_head: str, age_bins: int):
         probs = layers.Activation("sigmoid", name="age_probs")(logits)
         centres = [[1.0]] * (age_bins - 1)  # age = number of thresholds passed
     # A frozen Dense is the expectation; built-in, so the .keras file needs no custom code.
-    return layers.Dense(1, use_bias=False, trainable=False, name="age",
-                        kernel_initializer=keras.initializers.Constant(centres))(probs)
+    return layers.Dense(
+        1, use_bias=False, trainable=False, name="age", kernel_initializer=keras.initializers.Constant(centres)
+    )(probs)
 
 
 def training_view(model: keras.Model) -> keras.Model:

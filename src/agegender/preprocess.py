@@ -82,9 +82,7 @@ def split_stratified(rows: pd.DataFrame, params: PreprocessParams, age_buckets: 
     strata = strata.where(counts >= 10, "rare")
     index = np.arange(len(rows))
     fractions = params.split
-    rest, test = train_test_split(
-        index, test_size=fractions.test, stratify=strata, random_state=params.seed
-    )
+    rest, test = train_test_split(index, test_size=fractions.test, stratify=strata, random_state=params.seed)
     train, val = train_test_split(
         rest,
         test_size=fractions.val / (fractions.train + fractions.val),

@@ -52,9 +52,7 @@ COMPLETE_TAG = "registration_complete"
 HISTORY_TAG = "champion_history"
 METRIC_PREFIX = "test_"
 # Tags this module writes itself, so callers may not pass them.
-RESERVED_TAGS = frozenset(
-    {"run_id", "model_id", "gate_summary", "absolute_pass", "full_pass", COMPLETE_TAG}
-)
+RESERVED_TAGS = frozenset({"run_id", "model_id", "gate_summary", "absolute_pass", "full_pass", COMPLETE_TAG})
 READY = ModelVersionStatus.to_string(ModelVersionStatus.READY)
 READY_TIMEOUT_SECONDS = 300
 
@@ -150,8 +148,12 @@ def register_candidate(
     # a models:/ source through the process-global tracking URI instead of this client's store.
     # The call raises unless the version turns READY in time; such a version has no aliases.
     version = client.create_model_version(
-        model_name, logged.artifact_location, run_id=run_id, tags=version_tags,
-        await_creation_for=READY_TIMEOUT_SECONDS, model_id=logged.model_id,
+        model_name,
+        logged.artifact_location,
+        run_id=run_id,
+        tags=version_tags,
+        await_creation_for=READY_TIMEOUT_SECONDS,
+        model_id=logged.model_id,
     )
     if before_alias is not None:
         before_alias()
@@ -210,24 +212,24 @@ def list_versions(client: MlflowClient, model_name: str = DEFAULT_MODEL_NAME) ->
         tags = version.tags or {}
         if COMPLETE_TAG not in tags and number not in by_version:
             continue
-        rows.append({
-            "version": number,
-            "aliases": sorted(by_version.get(number, [])),
-            "run_id": version.run_id,
-            "data_version": tags.get("data_version"),
-            "git_commit": tags.get("git_commit"),
-            "metrics": {
-                key.removeprefix(METRIC_PREFIX): _number(value)
-                for key, value in sorted(tags.items())
-                if key.startswith(METRIC_PREFIX)
-            },
-            "absolute_pass": tags.get("absolute_pass") == "true",
-            "full_pass": tags.get("full_pass") == "true",
-            "gate_summary": tags.get("gate_summary"),
-            "created": datetime.fromtimestamp(version.creation_timestamp / 1000, UTC).isoformat(
-                timespec="seconds"
-            ),
-        })
+        rows.append(
+            {
+                "version": number,
+                "aliases": sorted(by_version.get(number, [])),
+                "run_id": version.run_id,
+                "data_version": tags.get("data_version"),
+                "git_commit": tags.get("git_commit"),
+                "metrics": {
+                    key.removeprefix(METRIC_PREFIX): _number(value)
+                    for key, value in sorted(tags.items())
+                    if key.startswith(METRIC_PREFIX)
+                },
+                "absolute_pass": tags.get("absolute_pass") == "true",
+                "full_pass": tags.get("full_pass") == "true",
+                "gate_summary": tags.get("gate_summary"),
+                "created": datetime.fromtimestamp(version.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"),
+            }
+        )
     return sorted(rows, key=lambda row: row["version"], reverse=True)
 
 
@@ -254,9 +256,7 @@ def _logged_model(client: MlflowClient, model_uri: str, run_id: str) -> LoggedMo
         ids = [output.model_id for output in (outputs.model_outputs if outputs else [])]
         named = [m for m in map(client.get_logged_model, ids) if m.name == name]
         if len(named) != 1:
-            raise ValueError(
-                f"{model_uri}: run {run_id} has {len(named)} logged models named {name!r}"
-            )
+            raise ValueError(f"{model_uri}: run {run_id} has {len(named)} logged models named {name!r}")
         model = named[0]
     else:
         raise ValueError(f"{model_uri}: expected runs:/{run_id}/<name> or models:/m-<id>")
@@ -296,9 +296,7 @@ def _versions(client: MlflowClient, model_name: str) -> list[ModelVersion]:
             return versions
 
 
-def _recover(
-    client: MlflowClient, model_name: str, *, remove_abandoned: bool
-) -> tuple[list[int], list[int]]:
+def _recover(client: MlflowClient, model_name: str, *, remove_abandoned: bool) -> tuple[list[int], list[int]]:
     """Finish interrupted registrations that hold an alias; optionally delete the others.
 
     Returns (finished, removed) version numbers.
@@ -312,8 +310,11 @@ def _recover(
         number = int(version.version)
         if number in aliased:
             _apply_decision(
-                client, model_name, number,
-                tags.get("absolute_pass") == "true", tags.get("full_pass") == "true",
+                client,
+                model_name,
+                number,
+                tags.get("absolute_pass") == "true",
+                tags.get("full_pass") == "true",
             )
             client.set_model_version_tag(model_name, str(number), COMPLETE_TAG, "true")
             finished.append(number)
@@ -323,9 +324,7 @@ def _recover(
     return sorted(finished), sorted(removed)
 
 
-def _apply_decision(
-    client: MlflowClient, model_name: str, version: int, absolute: bool, full: bool
-) -> None:
+def _apply_decision(client: MlflowClient, model_name: str, version: int, absolute: bool, full: bool) -> None:
     """Set the aliases a gate decision earns; safe to repeat after a crash."""
     if absolute:
         client.set_registered_model_alias(model_name, CHALLENGER, str(version))
@@ -356,8 +355,7 @@ def _usable_version(client: MlflowClient, model_name: str, version: int) -> Mode
         raise RegistryError(f"{model_name} version {version} is {found.status}, not {READY}")
     if COMPLETE_TAG not in (found.tags or {}):
         raise RegistryError(
-            f"{model_name} version {version} never finished registering "
-            "(the next registration removes it)"
+            f"{model_name} version {version} never finished registering (the next registration removes it)"
         )
     return found
 

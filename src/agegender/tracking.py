@@ -41,6 +41,7 @@ def configure_tracking(project_root: Path, uri: str | None) -> str:
 
 def git_commit(project_root: Path) -> str:
     """HEAD's commit, with '-dirty' when tracked files have uncommitted changes; 'unknown' outside git."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=project_root, capture_output=True, text=True).stdout.strip()
 

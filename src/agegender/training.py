@@ -59,16 +59,31 @@ def train_candidates(
             for candidate in params.candidates:
                 cfg = params.candidate_train(candidate)
                 check_inputs(train, val, params.preprocess.image_size, cfg.batch_size)
-                results.append(train_one(
-                    candidate.name, cfg, params, train, val, stats, out_dir,
-                    data_version=data_version, git_commit=git_commit, run_name=f"{run_name}/{candidate.name}",
-                ))
+                results.append(
+                    train_one(
+                        candidate.name,
+                        cfg,
+                        params,
+                        train,
+                        val,
+                        stats,
+                        out_dir,
+                        data_version=data_version,
+                        git_commit=git_commit,
+                        run_name=f"{run_name}/{candidate.name}",
+                    )
+                )
             winner = min(results, key=lambda r: r.metrics["val_age_mae"])
             mlflow.set_tags({"winner": winner.name, "winner_run_id": winner.run_id})
             mlflow.log_metrics({k: v for k, v in winner.metrics.items() if isinstance(v, int | float)})
         summary = [
-            {"name": r.name, "run_id": r.run_id, "parent_run_id": parent.info.run_id,
-             "winner": r is winner, **r.metrics}
+            {
+                "name": r.name,
+                "run_id": r.run_id,
+                "parent_run_id": parent.info.run_id,
+                "winner": r is winner,
+                **r.metrics,
+            }
             for r in results
         ]
         (winner.staging / "candidates.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -81,8 +96,17 @@ def train_candidates(
 
 
 def train_one(
-    name: str, cfg: TrainParams, params: Params, train: dict, val: dict, stats: dict, out_dir: Path,
-    *, data_version: str, git_commit: str, run_name: str,
+    name: str,
+    cfg: TrainParams,
+    params: Params,
+    train: dict,
+    val: dict,
+    stats: dict,
+    out_dir: Path,
+    *,
+    data_version: str,
+    git_commit: str,
+    run_name: str,
 ) -> TrainResult:
     """Fit one candidate in a child run; returns its outputs in a staging folder."""
     import mlflow
@@ -98,20 +122,35 @@ def train_one(
     )
     keras.utils.set_random_seed(cfg.seed)
     model = build_model(
-        backbone=cfg.backbone, image_size=spec.image_size, weights=cfg.weights, width=cfg.width,
-        dropout=cfg.dropout, age_head=cfg.age_head, age_bins=cfg.age_bins,
+        backbone=cfg.backbone,
+        image_size=spec.image_size,
+        weights=cfg.weights,
+        width=cfg.width,
+        dropout=cfg.dropout,
+        age_head=cfg.age_head,
+        age_bins=cfg.age_bins,
     )
     fit_model = compile_for_training(model, cfg, steps_per_epoch=max(1, len(train["age"]) // cfg.batch_size))
 
     with mlflow.start_run(run_name=run_name, nested=True) as run:
-        mlflow.log_params(flatten({
-            "candidate": name, "train": cfg.model_dump(mode="json"),
-            **params.model_dump(by_alias=True, mode="json", exclude={"train", "candidates"}),
-        }))
-        mlflow.set_tags({
-            "data_version": data_version, "git_commit": git_commit, "trained_on": spec.trained_on,
-            "candidate": name, "mlflow.note.content": describe_run(spec, stats),
-        })
+        mlflow.log_params(
+            flatten(
+                {
+                    "candidate": name,
+                    "train": cfg.model_dump(mode="json"),
+                    **params.model_dump(by_alias=True, mode="json", exclude={"train", "candidates"}),
+                }
+            )
+        )
+        mlflow.set_tags(
+            {
+                "data_version": data_version,
+                "git_commit": git_commit,
+                "trained_on": spec.trained_on,
+                "candidate": name,
+                "mlflow.note.content": describe_run(spec, stats),
+            }
+        )
         mlflow.log_params({"split.train": len(train["age"]), "split.val": len(val["age"]), "split.rows": stats["rows"]})
         start = time.perf_counter()
         history = fit_model.fit(
@@ -134,12 +173,14 @@ def train_one(
                 "lower train.learning_rate or check the labels. No model was written."
             )
         metrics = score(model, val, prefix="val_")
-        metrics.update({
-            "train_seconds": round(seconds, 1),
-            "train_images_per_s": round(len(history["loss"]) * len(train["age"]) / seconds, 1),
-            "epochs_run": len(history["loss"]),
-            "best_epoch": int(np.argmin(history["val_age_mae"])) + 1,
-        })
+        metrics.update(
+            {
+                "train_seconds": round(seconds, 1),
+                "train_images_per_s": round(len(history["loss"]) * len(train["age"]) / seconds, 1),
+                "epochs_run": len(history["loss"]),
+                "best_epoch": int(np.argmin(history["val_age_mae"])) + 1,
+            }
+        )
         # Logged after the per-epoch points, so the run's latest value is the restored best model's.
         mlflow.log_metrics(metrics, step=len(history["loss"]))
         staging = save_outputs(out_dir, model, spec, metrics, history, stats, run.info.run_id)
@@ -224,7 +265,9 @@ def make_dataset(split: dict, cfg: TrainParams, *, training: bool) -> tf.data.Da
         data = data.shuffle(len(split["age"]), seed=cfg.seed, reshuffle_each_iteration=True)
     # Full training batches only: a small last batch makes noisy BatchNorm statistics, and
     # oneDNN's conv backward pass in TF 2.21 corrupts memory on some odd batch sizes (seen with 15).
-    data = data.batch(cfg.batch_size, drop_remainder=training).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    data = data.batch(cfg.batch_size, drop_remainder=training).map(
+        lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE
+    )
     augment = make_augmenter(cfg)
     if training and augment.layers:
         data = data.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
@@ -278,8 +321,11 @@ def plot_curves(curves: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (title, columns) in zip(
         axes,
-        [("loss", ["loss", "val_loss"]), ("age MAE (years)", ["age_mae", "val_age_mae"]),
-         ("gender accuracy", ["gender_accuracy", "val_gender_accuracy"])],
+        [
+            ("loss", ["loss", "val_loss"]),
+            ("age MAE (years)", ["age_mae", "val_age_mae"]),
+            ("gender accuracy", ["gender_accuracy", "val_gender_accuracy"]),
+        ],
         strict=True,
     ):
         for column in columns:
@@ -312,9 +358,18 @@ def write_card(folder: Path, spec: ModelSpec, metrics: dict, stats: dict, run_id
         "intended_use": use,
     }
     (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-    lines = [f"# Model card: {card['model']}", "", f"**Intended use.** {use}", "",
-             f"- Data version (DVC md5): `{spec.data_version}` ({spec.trained_on} data)",
-             f"- Splits: {card['split_sizes']}", f"- MLflow run: `{run_id}`", "", "| metric | value |", "|---|---|"]
+    lines = [
+        f"# Model card: {card['model']}",
+        "",
+        f"**Intended use.** {use}",
+        "",
+        f"- Data version (DVC md5): `{spec.data_version}` ({spec.trained_on} data)",
+        f"- Splits: {card['split_sizes']}",
+        f"- MLflow run: `{run_id}`",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {value} |" for name, value in metrics.items()]
     (folder / "card.md").write_text("\n".join(lines) + "\n")
 
@@ -330,6 +385,4 @@ def log_model(model: keras.Model, example: np.ndarray) -> None:
 
     example = example.astype(np.float32)
     outputs = {name: np.asarray(value) for name, value in model.predict(example, verbose=0).items()}
-    mlflow.tensorflow.log_model(
-        model, name="model", signature=infer_signature(example, outputs), input_example=example
-    )
+    mlflow.tensorflow.log_model(model, name="model", signature=infer_signature(example, outputs), input_example=example)

@@ -137,16 +137,28 @@ def row_expectations(params: ValidateParams) -> list:
         return {"reason": reason}
 
     return [
-        gxe.ExpectColumnValuesToNotBeNull(column="age", meta=meta("age label missing (file name not in the UTKFace convention, or empty cell)")),
+        gxe.ExpectColumnValuesToNotBeNull(
+            column="age", meta=meta("age label missing (file name not in the UTKFace convention, or empty cell)")
+        ),
         gxe.ExpectColumnValuesToNotBeNull(column="gender", meta=meta("gender label missing")),
         gxe.ExpectColumnValuesToMatchRegex(column="age", regex=r"^\d+$", meta=meta("age is not an integer")),
-        gxe.ExpectColumnValuesToBeBetween(column="age_num", min_value=0, max_value=116, meta=meta("age outside 0..116")),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="age_num", min_value=0, max_value=116, meta=meta("age outside 0..116")
+        ),
         gxe.ExpectColumnValuesToBeInSet(column="gender", value_set=["0", "1"], meta=meta("gender is not 0 or 1")),
         gxe.ExpectColumnValuesToMatchRegex(column="race", regex=r"^[0-4]?$", meta=meta("race is not 0..4 or empty")),
         gxe.ExpectColumnValuesToBeInSet(column="exists", value_set=[True], meta=meta("image file missing")),
-        gxe.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True], meta=meta("image does not decode (corrupt, truncated or not an image)")),
-        gxe.ExpectColumnValuesToBeInSet(column="channels", value_set=[3], meta=meta("image has no 3 channels after load")),
-        gxe.ExpectColumnValuesToBeBetween(column="min_side", min_value=params.min_side, meta=meta(f"shorter side under validate.min_side={params.min_side} px")),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="decodes", value_set=[True], meta=meta("image does not decode (corrupt, truncated or not an image)")
+        ),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="channels", value_set=[3], meta=meta("image has no 3 channels after load")
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="min_side",
+            min_value=params.min_side,
+            meta=meta(f"shorter side under validate.min_side={params.min_side} px"),
+        ),
         gxe.ExpectColumnValuesToBeNull(column="duplicate_of", meta=meta("same content as an earlier image")),
     ]
 
@@ -157,8 +169,12 @@ def table_expectations(params: ValidateParams) -> list:
     low, high = params.gender_share
     return [
         gxe.ExpectTableRowCountToBeBetween(min_value=params.min_rows, meta={"reason": "validate.min_rows"}),
-        gxe.ExpectColumnMeanToBeBetween(column="gender_num", min_value=low, max_value=high, meta={"reason": "validate.gender_share"}),
-        gxe.ExpectColumnDistinctValuesToContainSet(column="age_bucket", value_set=age_bucket_names(params.age_buckets), meta={"reason": "validate.age_buckets"}),
+        gxe.ExpectColumnMeanToBeBetween(
+            column="gender_num", min_value=low, max_value=high, meta={"reason": "validate.gender_share"}
+        ),
+        gxe.ExpectColumnDistinctValuesToContainSet(
+            column="age_bucket", value_set=age_bucket_names(params.age_buckets), meta={"reason": "validate.age_buckets"}
+        ),
     ]
 
 

@@ -10,8 +10,13 @@ from tests.integration.test_training_stages import TINY, set_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-LOOSE_GATES = {"max_age_mae": 60.0, "min_gender_accuracy": 0.0, "max_group_gap": 100.0,
-               "min_improvement": 0.5, "max_gender_accuracy_drop": 0.0}
+LOOSE_GATES = {
+    "max_age_mae": 60.0,
+    "min_gender_accuracy": 0.0,
+    "max_group_gap": 100.0,
+    "min_improvement": 0.5,
+    "max_gender_accuracy_drop": 0.0,
+}
 
 
 def aliases(repo) -> dict[str, str]:

@@ -136,10 +136,22 @@ def free_port() -> int:
 def test_training_against_a_remote_tracking_server(project_repo, utk_subset, tmp_path):
     port = free_port()
     server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         uri = f"http://127.0.0.1:{port}"
@@ -148,7 +160,10 @@ def test_training_against_a_remote_tracking_server(project_repo, utk_subset, tmp
         run("agegender", "data", "ingest", str(utk_subset), cwd=project_repo)
         run("dvc", "repro", "preprocess", cwd=project_repo)
         result = subprocess.run(
-            ["agegender", "train"], cwd=project_repo, capture_output=True, text=True,
+            ["agegender", "train"],
+            cwd=project_repo,
+            capture_output=True,
+            text=True,
             env={**os.environ, "MLFLOW_TRACKING_URI": uri},
         )
         assert result.returncode == 0, result.stderr

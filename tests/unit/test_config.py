@@ -30,8 +30,14 @@ def test_project_params_load():
         ("validate: {age_buckets: [0, 30, 20]}", "age_buckets must be at least two strictly increasing edges"),
         ("data: {demo: {count: 0}}", "'data.demo.count': Input should be greater than or equal to 10"),
         ("[1, 2]", "expected a mapping of sections"),
-        ("candidates: [{name: a, train: {widht: 3}}]", "candidates.0 (a).train: unknown key 'widht' (allowed here: backbone,"),
-        ("candidates: [{name: a, train: {width: 0}}]", "candidates.0 (a).train: 'width': Input should be greater than or equal to 4"),
+        (
+            "candidates: [{name: a, train: {widht: 3}}]",
+            "candidates.0 (a).train: unknown key 'widht' (allowed here: backbone,",
+        ),
+        (
+            "candidates: [{name: a, train: {width: 0}}]",
+            "candidates.0 (a).train: 'width': Input should be greater than or equal to 4",
+        ),
         ("candidates: [{name: a}, {name: a}]", "candidate names must be unique"),
         ("candidates: []", "'candidates': List should have at least 1 item"),
         ("a: [", "not valid YAML"),

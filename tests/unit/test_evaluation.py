@@ -113,9 +113,7 @@ def test_scalar_metrics_keep_only_defined_numbers():
     scalars = scalar_metrics(metrics(gender_true=np.ones(12, int)))
     assert "gender_roc_auc" not in scalars
     assert "by_race" not in scalars and "gender_confusion_matrix" not in scalars
-    assert {"age_mae", "age_rmse", "age_cs5", "gender_accuracy", "age_mae_group_gap"} <= set(
-        scalars
-    )
+    assert {"age_mae", "age_rmse", "age_cs5", "gender_accuracy", "age_mae_group_gap"} <= set(scalars)
     assert all(type(v) in (int, float) for v in scalars.values())
 
 
@@ -286,9 +284,7 @@ def test_gender_drop_too_large_fails():
 
 def test_relative_thresholds_are_exact_at_the_edge():
     # in floats 8.1 - 8.05 < 0.05 and 0.81 - 0.8 > 0.01; both are ties and must pass
-    decision = decide_gates(
-        result(age_mae=8.05, gender_accuracy=0.8), result(age_mae=8.1, gender_accuracy=0.81), GATES
-    )
+    decision = decide_gates(result(age_mae=8.05, gender_accuracy=0.8), result(age_mae=8.1, gender_accuracy=0.81), GATES)
     assert decision["full_pass"], decision["summary"]
     assert [c["value"] for c in decision["checks"][3:]] == [0.05, 0.01]
 

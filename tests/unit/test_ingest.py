@@ -67,7 +67,9 @@ def test_utkface_folder(tmp_path, chips):
     assert {r["source"] for r in rows} == {str(chips)}
     first = rows[0]
     assert (tmp_path / "data" / first["file"]).read_bytes() == (chips / Path(first["file"]).name).read_bytes()
-    assert (first["age"], first["gender"], first["race"]) == tuple(str(v) for v in parse_utkface_name(Path(first["file"]).name))
+    assert (first["age"], first["gender"], first["race"]) == tuple(
+        str(v) for v in parse_utkface_name(Path(first["file"]).name)
+    )
 
 
 def test_malformed_names_are_kept_with_empty_labels(tmp_path, chips):

@@ -29,8 +29,9 @@ def _predict(model: keras.Model, images: np.ndarray) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_every_backbone_gives_named_age_and_gender(backbone):
     size = 48 if backbone == "compact" else 32  # 32 px: the keras.applications minimum
-    model = build_model(backbone=backbone, image_size=size, weights=None, width=8,
-                        dropout=0.1, age_head="dldl", age_bins=101)
+    model = build_model(
+        backbone=backbone, image_size=size, weights=None, width=8, dropout=0.1, age_head="dldl", age_bins=101
+    )
     assert model.input_shape == (None, size, size, 3)
     out = _predict(model, _images(size))
     assert set(out) == {"age", "gender"}
@@ -48,8 +49,9 @@ def _all_layers(model: keras.Model):
 
 @pytest.mark.parametrize("age_head", AGE_HEADS)
 def test_every_age_head_outputs_years(age_head):
-    model = build_model(backbone="compact", image_size=32, weights=None, width=8,
-                        dropout=0.0, age_head=age_head, age_bins=21)
+    model = build_model(
+        backbone="compact", image_size=32, weights=None, width=8, dropout=0.0, age_head=age_head, age_bins=21
+    )
     age = _predict(model, _images(32))["age"]
     assert age.shape == (BATCH, 1) and np.all(np.isfinite(age))
     if age_head != "regression":  # an expectation over bins 0..20 stays inside them
@@ -58,8 +60,9 @@ def test_every_age_head_outputs_years(age_head):
 
 @pytest.mark.parametrize("age_head", AGE_HEADS)
 def test_training_view_shares_weights_and_trains_on_years(age_head):
-    model = build_model(backbone="compact", image_size=32, weights=None, width=8,
-                        dropout=0.0, age_head=age_head, age_bins=21)
+    model = build_model(
+        backbone="compact", image_size=32, weights=None, width=8, dropout=0.0, age_head=age_head, age_bins=21
+    )
     train = training_view(model)
     ages = np.array([[3.0], [15.0]], "float32")
     losses = {"age": "mae", "gender": "binary_crossentropy"}
@@ -102,8 +105,15 @@ def test_bgr_to_rgb_reverses_channels():
 
 def test_imagenet_weights_offline_raise_a_clear_runtime_error():
     try:
-        build_model(backbone="mobilenet_v3_small", image_size=32, weights="imagenet",
-                    width=8, dropout=0.0, age_head="regression", age_bins=101)
+        build_model(
+            backbone="mobilenet_v3_small",
+            image_size=32,
+            weights="imagenet",
+            width=8,
+            dropout=0.0,
+            age_head="regression",
+            age_bins=101,
+        )
     except RuntimeError as err:
         assert "ImageNet weights" in str(err) and "mobilenet_v3_small" in str(err)
         assert err.__cause__ is not None  # the download error is kept for the reader
@@ -113,26 +123,31 @@ def test_imagenet_weights_offline_raise_a_clear_runtime_error():
 
 def test_unknown_backbone_names_the_allowed_values():
     with pytest.raises(ValueError, match="unknown backbone 'resnet18'") as info:
-        build_model(backbone="resnet18", image_size=32, weights=None, width=8,
-                    dropout=0.0, age_head="dldl", age_bins=101)
+        build_model(
+            backbone="resnet18", image_size=32, weights=None, width=8, dropout=0.0, age_head="dldl", age_bins=101
+        )
     assert all(name in str(info.value) for name in BACKBONES)
 
 
 def test_unknown_age_head_and_bad_weights_are_rejected():
     with pytest.raises(ValueError, match="allowed: regression, dldl, ordinal"):
-        build_model(backbone="compact", image_size=32, weights=None, width=8,
-                    dropout=0.0, age_head="softmax", age_bins=101)
+        build_model(
+            backbone="compact", image_size=32, weights=None, width=8, dropout=0.0, age_head="softmax", age_bins=101
+        )
     with pytest.raises(ValueError, match="no pretrained weights"):
-        build_model(backbone="compact", image_size=32, weights="imagenet", width=8,
-                    dropout=0.0, age_head="dldl", age_bins=101)
+        build_model(
+            backbone="compact", image_size=32, weights="imagenet", width=8, dropout=0.0, age_head="dldl", age_bins=101
+        )
 
 
-@pytest.mark.parametrize(("backbone", "age_head"),
-                         [("compact", "dldl"), ("compact", "regression"),
-                          ("compact", "ordinal"), ("mobilenet_v3_small", "dldl")])
+@pytest.mark.parametrize(
+    ("backbone", "age_head"),
+    [("compact", "dldl"), ("compact", "regression"), ("compact", "ordinal"), ("mobilenet_v3_small", "dldl")],
+)
 def test_saved_keras_file_reloads_with_same_predictions(tmp_path, backbone, age_head):
-    model = build_model(backbone=backbone, image_size=32, weights=None, width=8,
-                        dropout=0.3, age_head=age_head, age_bins=101)
+    model = build_model(
+        backbone=backbone, image_size=32, weights=None, width=8, dropout=0.3, age_head=age_head, age_bins=101
+    )
     path = tmp_path / "model.keras"
     model.save(path)
     reloaded = keras.saving.load_model(path)

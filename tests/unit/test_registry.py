@@ -36,15 +36,24 @@ from agegender.registry import (
 
 NAME = "agegender"
 FULL = {
-    "absolute_pass": True, "full_pass": True, "has_champion": True, "checks": [],
+    "absolute_pass": True,
+    "full_pass": True,
+    "has_champion": True,
+    "checks": [],
     "summary": "passed all 5 checks",
 }
 ABSOLUTE_ONLY = {
-    "absolute_pass": True, "full_pass": False, "has_champion": True, "checks": [],
+    "absolute_pass": True,
+    "full_pass": False,
+    "has_champion": True,
+    "checks": [],
     "summary": "failed min_improvement: 0.0 < 0.1",
 }
 FAILED = {
-    "absolute_pass": False, "full_pass": False, "has_champion": True, "checks": [],
+    "absolute_pass": False,
+    "full_pass": False,
+    "has_champion": True,
+    "checks": [],
     "summary": "failed max_age_mae: 12.0 > 10.0",
 }
 
@@ -85,9 +94,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]
         run_ids = []
         for _ in range(3):
             with mlflow.start_run(experiment_id=experiment) as run:
-                mlflow.pyfunc.log_model(
-                    name="model", python_model=Echo(), pip_requirements=["mlflow"]
-                )
+                mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
             run_ids.append(run.info.run_id)
     return db, run_ids
 
@@ -150,9 +157,16 @@ def test_first_full_pass_becomes_champion_and_challenger(client, runs):
     assert version.status == "READY" and version.run_id == runs[0]
     assert version.tags["model_id"].startswith("m-")
     assert version.tags | {"model_id": "-"} == {
-        "data_version": f"data-{runs[0][:6]}", "git_commit": "0123abc", "params_hash": "feedbeef",
-        "test_age_mae": "5.25", "test_gender_accuracy": "0.91", "run_id": runs[0], "model_id": "-",
-        "gate_summary": "passed all 5 checks", "absolute_pass": "true", "full_pass": "true",
+        "data_version": f"data-{runs[0][:6]}",
+        "git_commit": "0123abc",
+        "params_hash": "feedbeef",
+        "test_age_mae": "5.25",
+        "test_gender_accuracy": "0.91",
+        "run_id": runs[0],
+        "model_id": "-",
+        "gate_summary": "passed all 5 checks",
+        "absolute_pass": "true",
+        "full_pass": "true",
         COMPLETE_TAG: "true",
     }
     # the alias URI loads the logged model's files
@@ -308,10 +322,16 @@ def test_list_versions_reports_provenance_metrics_and_gate(client, runs):
     newest, oldest = list_versions(client, NAME)
 
     assert newest == {
-        "version": 2, "aliases": [], "run_id": runs[1], "data_version": f"data-{runs[1][:6]}",
-        "git_commit": "0123abc", "metrics": {"age_mae": 5.25, "gender_accuracy": 0.91},
-        "absolute_pass": False, "full_pass": False,
-        "gate_summary": "failed max_age_mae: 12.0 > 10.0", "created": newest["created"],
+        "version": 2,
+        "aliases": [],
+        "run_id": runs[1],
+        "data_version": f"data-{runs[1][:6]}",
+        "git_commit": "0123abc",
+        "metrics": {"age_mae": 5.25, "gender_accuracy": 0.91},
+        "absolute_pass": False,
+        "full_pass": False,
+        "gate_summary": "failed max_age_mae: 12.0 > 10.0",
+        "created": newest["created"],
     }
     assert (oldest["version"], oldest["aliases"]) == (1, ["challenger", "champion"])
     assert oldest["absolute_pass"] and oldest["full_pass"]
@@ -329,8 +349,12 @@ def test_register_rejects_inconsistent_input_before_writing(client, runs):
         register(client, runs[0], {**FAILED, "full_pass": True})
     with pytest.raises(ValueError, match=r"\['full_pass'\] are written by the registry"):
         register_candidate(
-            client, model_name=NAME, model_uri=f"runs:/{runs[0]}/model", run_id=runs[0],
-            tags={"full_pass": "true"}, decision=FULL,
+            client,
+            model_name=NAME,
+            model_uri=f"runs:/{runs[0]}/model",
+            run_id=runs[0],
+            tags={"full_pass": "true"},
+            decision=FULL,
         )
     assert list_versions(client, NAME) == []
     assert champion(client, NAME) is None

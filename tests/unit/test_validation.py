@@ -13,7 +13,9 @@ from agegender.labels import age_bucket_names, bucket_ages
 from agegender.validation import validate_dataset
 from tests.conftest import utkface_files
 
-PARAMS = ValidateParams(min_side=48, min_rows=10, gender_share=(0.1, 0.9), age_buckets=[0, 30, 117], max_bad_fraction=0.5)
+PARAMS = ValidateParams(
+    min_side=48, min_rows=10, gender_share=(0.1, 0.9), age_buckets=[0, 30, 117], max_bad_fraction=0.5
+)
 
 
 def make_dataset(tmp_path: Path) -> Path:
@@ -63,7 +65,8 @@ def test_bad_rows_are_quarantined_with_reasons(tmp_path):
     assert "shorter side under validate.min_side=48" in reasons["images/tiny.png"]
     assert "image file missing" in reasons["images/missing.jpg"]
     assert all(
-        text in reasons["images/labels_bad.jpg"] for text in ("age outside 0..116", "gender is not 0 or 1", "race is not 0..4")
+        text in reasons["images/labels_bad.jpg"]
+        for text in ("age outside 0..116", "gender is not 0 or 1", "race is not 0..4")
     )
     assert report.success and report.rows_valid == 13  # 12 chips + the grayscale image (3 channels once loaded)
 

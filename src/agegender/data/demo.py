@@ -207,9 +207,7 @@ def _draw_face(img: np.ndarray, rng: np.random.Generator, age: int, gender: int,
     smile = u(-0.01, 0.015)
     pen.ellipse(yaw, mouth_y, mouth_w, lip_h, lips)
     pen.poly(
-        np.array(
-            [(-mouth_w + yaw, mouth_y - smile), (yaw, mouth_y), (mouth_w + yaw, mouth_y - smile)]
-        ),
+        np.array([(-mouth_w + yaw, mouth_y - smile), (yaw, mouth_y), (mouth_w + yaw, mouth_y - smile)]),
         (40, 35, 60),
         0.006,
     )
@@ -265,9 +263,7 @@ def _finish(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def render_face(
-    rng: np.random.Generator, age: int, gender: int, race: int, image_size: int
-) -> np.ndarray:
+def render_face(rng: np.random.Generator, age: int, gender: int, race: int, image_size: int) -> np.ndarray:
     """One BGR face image of side `image_size`."""
     canvas = np.zeros((2 * image_size, 2 * image_size, 3), np.uint8)
     _draw_face(canvas, rng, age, gender, race)

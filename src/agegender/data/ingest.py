@@ -11,8 +11,8 @@ import hashlib
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.progress import track
@@ -112,9 +112,7 @@ def add_source(
 def add_demo(staging: Path, demo: DemoParams) -> list[dict]:
     from agegender.data.demo import generate_demo
 
-    generated = generate_demo(
-        staging / IMAGES, count=demo.count, seed=demo.seed, image_size=demo.image_size
-    )
+    generated = generate_demo(staging / IMAGES, count=demo.count, seed=demo.seed, image_size=demo.image_size)
     return [
         {"file": f"{IMAGES}/{g['file']}", "age": g["age"], "gender": g["gender"], "race": g["race"], "source": "demo"}
         for g in generated
