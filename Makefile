@@ -12,8 +12,7 @@ $(VENV)/.synced: pyproject.toml uv.lock
 	touch $@
 
 run: $(VENV)/.synced
-	agegender data fetch
-	dvc repro
+	python -m flows.training
 
 test: $(VENV)/.synced
 	pytest
