@@ -23,6 +23,28 @@ os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@example.invalid")
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
 
 
+MLFLOW_STORE_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow_store():
+    """Each test sees only the store it names.
+
+    mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI so that subprocesses
+    inherit it; without this, one test's store leaks into the next test's `dvc repro`.
+    """
+    for name in MLFLOW_STORE_VARS:
+        os.environ.pop(name, None)
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    for name in MLFLOW_STORE_VARS:
+        os.environ.pop(name, None)
+
+
 def utkface_files(count: int, offset: int = 0) -> list[Path]:
     """A deterministic spread of well-formed UTKFace chips (every k-th file by name)."""
     if not UTKFACE.is_dir():

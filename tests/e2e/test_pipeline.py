@@ -67,3 +67,43 @@ def test_repro_registers_a_champion_and_never_promotes_a_worse_model(project_rep
 
     version = mlflow.MlflowClient(f"sqlite:///{project_repo / 'mlflow.db'}").get_model_version("agegender", "1")
     assert version.tags["data_version"] == data_md5
+
+
+def test_a_run_killed_mid_training_leaves_no_model_and_resumes_from_the_cache(project_repo, utk_subset):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import mlflow
+
+    set_params(project_repo, {**TINY, "train": {**TINY["train"], "epochs": 200, "patience": 200}, "gates": LOOSE_GATES})
+    run("agegender", "data", "ingest", str(utk_subset), cwd=project_repo)
+    repro = subprocess.Popen(
+        ["dvc", "repro"], cwd=project_repo, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    client = mlflow.MlflowClient(f"sqlite:///{project_repo / 'mlflow.db'}")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        time.sleep(2)
+        experiment = (project_repo / "mlflow.db").exists() and client.get_experiment_by_name("agegender")
+        if experiment and any(
+            r.info.status == "RUNNING" and r.data.tags.get("candidate")
+            for r in client.search_runs([experiment.experiment_id])
+        ):
+            break
+    else:
+        raise AssertionError("training never started")
+    time.sleep(5)  # well inside the first epochs
+    os.killpg(repro.pid, signal.SIGKILL)
+    repro.wait()
+
+    assert not (project_repo / "artifacts/model/model.keras").exists()
+    assert not list((project_repo / "artifacts").glob(".model-*")), "a half-written model folder was left"
+    assert client.search_registered_models() == []
+
+    set_params(project_repo, {"train": {**TINY["train"], "epochs": 2}})
+    resumed = run("dvc", "repro", cwd=project_repo)
+    assert "Stage 'preprocess' didn't change" in resumed.stdout or "Stage 'preprocess' is cached" in resumed.stdout
+    assert "Running stage 'train'" in resumed.stdout
+    assert aliases(project_repo)["champion"] == "1"
