@@ -310,6 +310,142 @@ def registry_rollback_command(params_file: Path = PARAMS) -> None:
     console.print(f"'{name}' champion rolled back to version {version}")
 
 
+MODEL = typer.Option(
+    None,
+    "--model",
+    help="models:/NAME@ALIAS, models:/NAME/VERSION or a trained model folder [default: serve.model_uri]",
+)
+
+
+def load_predictor(model: str | None, params: Params):
+    """The one Predictor, from the registry (MLFLOW_TRACKING_URI or the project store) or a model folder."""
+    from agegender.inference import Predictor
+    from agegender.tracking import configure_tracking
+
+    model = model or params.serve.model_uri
+    console.print(f"Loading model {model}")
+    try:
+        if model.startswith("models:/"):
+            configure_tracking(Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI"))
+            return Predictor.from_registry(model)
+        return Predictor.from_path(Path(model))
+    except Exception as err:  # MLflow raises many types; every one means "no usable model here"
+        raise fail(f"cannot load model {model}: {err}") from None
+
+
+def image_paths(paths: list[Path]) -> list[Path]:
+    from agegender.data.sources import SourceError, list_images
+
+    found = []
+    for path in paths:
+        if path.is_dir():
+            try:
+                found.extend(list_images(path))
+            except SourceError as err:
+                raise fail(str(err)) from None
+        elif path.exists():
+            found.append(path)
+        else:
+            raise fail(f"{path}: no such file or folder")
+    return found
+
+
+@app.command("predict")
+def predict_command(
+    paths: list[Path] = typer.Argument(..., help="Image files and folders of images."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per image on stdout."),
+    annotate: Path | None = typer.Option(None, "--annotate", help="Write annotated JPEGs into this folder."),
+    model: str | None = MODEL,
+    params_file: Path = PARAMS,
+) -> None:
+    """Find the faces in images and estimate each one's age and gender."""
+    import json
+
+    from agegender.inference import ImageError, decode_image
+    from agegender.render import draw_faces, encode_jpeg
+
+    params = params_or_exit(params_file)
+    files = image_paths(paths)
+    predictor = load_predictor(model, params)
+    if annotate:
+        annotate.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for path in files:
+        try:
+            image = decode_image(
+                path.read_bytes(),
+                max_bytes=int(params.serve.max_upload_mb * 2**20),
+                max_pixels=int(params.serve.max_megapixels * 1e6),
+            )
+        except ImageError as err:
+            console.print(f"[red]{path}: {err}[/]")
+            failed += 1
+            continue
+        faces = predictor.predict_image(image)
+        if as_json:
+            print(json.dumps({"file": str(path), "faces": faces, "model": predictor.describe()}))
+        else:
+            summary = "; ".join(f"{f['age']:.0f} {f['gender']} at {f['box']}" for f in faces) or "no faces"
+            print(f"{path}: {summary}")
+        if annotate:
+            (annotate / f"{path.stem}.jpg").write_bytes(encode_jpeg(draw_faces(image, faces)))
+    done = f"{len(files) - failed} of {len(files)} images predicted with {predictor.info.uri}"
+    console.print(done + (f"; annotated images in {annotate}/" if annotate else ""))
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command("video")
+def video_command(
+    source: str = typer.Argument(..., help="A camera index (0, 1, ...) or a video file."),
+    out: Path | None = typer.Option(None, "--out", help="Write the annotated video here (.mp4 or .avi)."),
+    max_frames: int = typer.Option(0, "--max-frames", help="Stop after this many frames (0: until the end)."),
+    model: str | None = MODEL,
+    params_file: Path = PARAMS,
+) -> None:
+    """Boxes, ages and genders drawn on every frame of a camera or video, with a frames-per-second readout."""
+    from agegender.video import annotate_video
+
+    params = params_or_exit(params_file)
+    predictor = load_predictor(model, params)
+    try:
+        stats = annotate_video(predictor, source, out=out, max_frames=max_frames)
+    except (OSError, ValueError) as err:
+        raise fail(str(err)) from None
+    console.print(
+        f"{stats['frames']} frames, {stats['faces']} faces, {stats['fps']:.1f} frames/s"
+        + (f"; annotated video in {out}" if out else "")
+    )
+
+
+@app.command("eval-dir")
+def eval_dir_command(
+    source: str = typer.Argument(..., help="A labelled folder (UTKFace names), archive or CSV manifest."),
+    model: str | None = MODEL,
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    params_file: Path = PARAMS,
+) -> None:
+    """Score any labelled images against any model: age and gender metrics, for cross-dataset checks."""
+    import json
+
+    from agegender.data.sources import SourceError
+    from agegender.evaluation import score_labelled_source
+
+    params = params_or_exit(params_file)
+    predictor = load_predictor(model, params)
+    console.print(f"Scoring {source} with {predictor.info.uri}")
+    try:
+        metrics = score_labelled_source(predictor, source, params.validate_.age_buckets)
+    except (SourceError, ValueError) as err:
+        raise fail(str(err)) from None
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+        return
+    for key in ("n_samples", "age_mae", "age_rmse", "age_cs5", "gender_accuracy", "gender_accuracy_18plus"):
+        print(f"{key:24} {metrics[key]}")
+    console.print(f"skipped: {metrics['skipped']}")
+
+
 def params_hash(params: Params) -> str:
     import hashlib
 

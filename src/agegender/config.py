@@ -130,6 +130,16 @@ class ScheduleParams(Section):
     timezone: str = "UTC"
 
 
+class ServeParams(Section):
+    model_uri: str = Field("models:/agegender@champion", pattern=r"^models:/.+")
+    max_upload_mb: float = Field(10.0, gt=0.0, le=1024.0)
+    max_batch_images: int = Field(16, ge=1, le=256, description="images per /predict_batch call")
+    max_megapixels: float = Field(40.0, gt=0.0, le=1000.0, description="decoded width x height, in millions")
+    reload_seconds: float = Field(30.0, ge=1.0, description="how often the service looks for a new champion")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="images per adaptive batch of the model service")
+    max_latency_ms: int = Field(200, ge=1)
+
+
 class Params(Section):
     data: DataParams = DataParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
@@ -139,6 +149,7 @@ class Params(Section):
     gates: GateParams = GateParams()
     registry: RegistryParams = RegistryParams()
     schedule: ScheduleParams = ScheduleParams()
+    serve: ServeParams = ServeParams()
 
     @model_validator(mode="after")
     def _check_candidates(self) -> Params:

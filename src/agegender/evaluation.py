@@ -395,3 +395,32 @@ def log_evaluation(eval_dir: Path, model_dir: Path) -> None:
     )
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value))
+
+
+def score_labelled_source(predictor, source: str, age_buckets: list[int]) -> dict:
+    """Metrics of `predictor` on any labelled folder, archive or CSV manifest (cross-dataset checks).
+
+    Images are face chips scored as the test split is; unlabelled or unreadable images are
+    counted and skipped, never silently.
+    """
+    import cv2
+
+    from agegender.data.ingest import read_items
+
+    with tempfile.TemporaryDirectory(prefix="agegender-eval-") as scratch:
+        items = read_items(source, Path(scratch))
+        rows, skipped = [], {"unlabelled": 0, "unreadable": 0}
+        for item in items:
+            if item.path is None or item.age is None or item.gender is None:
+                skipped["unlabelled"] += 1
+                continue
+            image = cv2.imread(str(item.path), cv2.IMREAD_COLOR)
+            if image is None:
+                skipped["unreadable"] += 1
+                continue
+            rows.append({"age": item.age, "gender": item.gender, "race": item.race, "image": image})
+    if not rows:
+        raise ValueError(f"{source}: no labelled, readable images to score (skipped: {skipped})")
+    table = pd.DataFrame(rows).astype({"race": "Int64"})
+    metrics, _ = score_predictor(predictor, table, age_buckets)
+    return {"source": source, "model": predictor.describe(), "skipped": skipped, **metrics}

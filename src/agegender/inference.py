@@ -5,7 +5,9 @@ Evaluation, the CLI and the service all use `Predictor`, so they cannot disagree
 
 from __future__ import annotations
 
+import io
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,73 @@ from agegender.faces import Detector, crop_face, detect_or_fallback, make_detect
 
 # Half-width of the reported age range: about the model's typical error on real data.
 AGE_RANGE_YEARS = 5
+
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; `status` is the HTTP status a service answers with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> np.ndarray:
+    """Image bytes (JPEG, PNG, WebP, BMP; gray, RGBA, 16-bit) -> BGR uint8, with EXIF rotation applied.
+
+    The size is checked from the header before anything is decoded, so a decompression bomb
+    (a few KB that claim 30000x30000 pixels) costs no memory. Every refusal is an ImageError
+    that names the problem.
+    """
+    from PIL import Image, ImageOps
+
+    if not data:
+        raise ImageError("empty upload: 0 bytes")
+    if len(data) > max_bytes:
+        raise ImageError(f"upload is {len(data) / 2**20:.1f} MB, over the limit of {max_bytes / 2**20:.1f} MB", 413)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"image is too large: {err}", status=413) from None
+    except (OSError, ValueError, SyntaxError):
+        if sniffed := sniff_format(data):
+            raise ImageError(f"image is truncated or corrupt: a {sniffed} header with unreadable data") from None
+        raise ImageError(f"not an image: the bytes are none of {', '.join(IMAGE_FORMATS)}", status=415) from None
+    if image.format not in IMAGE_FORMATS:
+        raise ImageError(f"image format {image.format} is not supported; send one of {', '.join(IMAGE_FORMATS)}", 415)
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"image is too large: {width}x{height} ({width * height / 1e6:.0f} megapixels), "
+            f"over the limit of {max_pixels / 1e6:.0f} megapixels",
+            status=413,
+        )
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageError(f"image is truncated or corrupt ({image.format}): {err}") from None
+    return pil_to_bgr(image)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format named by the leading magic bytes, to tell a damaged image from something else."""
+    signatures = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"BM": "BMP"}
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in signatures.items() if data.startswith(magic)), None)
+
+
+def pil_to_bgr(image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit gray: keep the depth so to_bgr scales it instead of clipping at 255.
+        return to_bgr(np.asarray(image, dtype=np.int64).clip(0, 65535).astype(np.uint16))
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
+    return to_bgr(np.asarray(image), rgb=True)
 
 
 @dataclass(frozen=True)
@@ -61,11 +130,33 @@ class Predictor:
             model, spec, ModelInfo(name=name, version=str(version.version), data_version=spec.data_version, uri=uri)
         )
 
+    def describe(self) -> dict:
+        """What answers: reported by the service in every response."""
+        return {
+            "model": self.info.name,
+            "version": self.info.version,
+            "data_version": self.info.data_version,
+            "uri": self.info.uri,
+            "trained_on": self.spec.trained_on,
+        }
+
+    def warm_up(self) -> None:
+        """One real call, so the first request does not pay for graph tracing (and a broken model fails here)."""
+        size = self.spec.image_size
+        ages, female = self.predict_crops(np.zeros((1, size, size, 3), np.uint8))
+        if not (np.isfinite(ages).all() and np.isfinite(female).all()):
+            raise RuntimeError(f"{self.info.uri}: the warm-up call returned non-finite outputs")
+
     def predict_crops(self, crops: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """(age in years, probability of female) for crops made by `crop_face` with this model's spec."""
         if len(crops) == 0:
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
-        out = self.model.predict(np.asarray(crops, np.float32), batch_size=batch_size, verbose=0)
+        crops = np.asarray(crops, np.float32)
+        # predict() sets up a whole tf.data pipeline per call: ~10x slower than one batch for a few faces.
+        if len(crops) <= batch_size:
+            out = self.model.predict_on_batch(crops)
+        else:
+            out = self.model.predict(crops, batch_size=batch_size, verbose=0)
         return np.asarray(out["age"])[:, 0], np.asarray(out["gender"])[:, 0]
 
     def crop_chip(self, image: np.ndarray) -> np.ndarray:
@@ -78,17 +169,32 @@ class Predictor:
         """Predictions for face chips, cropped exactly as preprocessing cropped the training data."""
         return self.predict_crops(np.stack([self.crop_chip(image) for image in images]))
 
+    def predict_images(self, images: list[np.ndarray]) -> list[list[dict]]:
+        """Every face the detector finds in each image; the faces of all images share one model call."""
+        images = [to_bgr(image) for image in images]
+        boxes = [self.detector.detect(image) for image in images]
+        crops = [
+            crop_face(image, box, margin=self.spec.margin, size=self.spec.image_size)
+            for image, found in zip(images, boxes, strict=True)
+            for box in found
+        ]
+        size = self.spec.image_size
+        ages, female = self.predict_crops(np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8))
+        results, start = [], 0
+        for found in boxes:
+            end = start + len(found)
+            results.append(
+                [
+                    face_result(b, float(a), float(p))
+                    for b, a, p in zip(found, ages[start:end], female[start:end], strict=True)
+                ]
+            )
+            start = end
+        return results
+
     def predict_image(self, image: np.ndarray) -> list[dict]:
         """Every face the detector finds in an arbitrary image, with box, age and gender."""
-        image = to_bgr(image)
-        boxes = self.detector.detect(image)
-        crops = (
-            np.stack([crop_face(image, b, margin=self.spec.margin, size=self.spec.image_size) for b in boxes])
-            if boxes
-            else np.zeros((0, self.spec.image_size, self.spec.image_size, 3), np.uint8)
-        )
-        ages, female = self.predict_crops(crops)
-        return [face_result(box, float(age), float(p)) for box, age, p in zip(boxes, ages, female, strict=True)]
+        return self.predict_images([image])[0]
 
 
 def face_result(box, age: float, female: float) -> dict:
