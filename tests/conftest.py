@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
 UTKFACE = PROJECT.parent / "shared" / "datasets" / "utkface-part1"
@@ -61,14 +65,68 @@ def utkface_dir() -> Path:
     return UTKFACE
 
 
-@pytest.fixture
-def utk_subset(tmp_path: Path) -> Path:
-    """A folder of 300 real chips plus the two malformed names (copied into tmp, never the project)."""
-    folder = tmp_path / "utk"
+def copy_utk_subset(folder: Path, count: int = 300) -> Path:
+    """A folder of `count` real chips plus the two malformed names (copied into tmp, never the project)."""
     folder.mkdir()
-    for path in utkface_files(300) + [UTKFACE / name for name in MALFORMED]:
+    for path in utkface_files(count) + [UTKFACE / name for name in MALFORMED]:
         shutil.copyfile(path, folder / path.name)
     return folder
+
+
+@pytest.fixture
+def utk_subset(tmp_path: Path) -> Path:
+    return copy_utk_subset(tmp_path / "utk")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def set_params(repo: Path, changes: dict) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in changes.items():
+        if isinstance(values, dict):
+            params[section].update(values)
+        else:
+            params[section] = values
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def start(args: list[str], *, cwd: Path, env: dict, log: Path) -> subprocess.Popen:
+    """A long-running process in its own session (so stopping it stops its children too)."""
+    with log.open("w") as handle:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(args, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def tail(log: Path, lines: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
+
+
+def wait_until(check, *, what: str, seconds: float, process: subprocess.Popen, log: Path):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{what}: the process exited with {process.returncode}\n{tail(log)}")
+        result = check()
+        if result:
+            return result
+        time.sleep(1)
+    raise AssertionError(f"{what}: not within {seconds} s\n{tail(log)}")
 
 
 def run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -81,6 +139,10 @@ def run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProces
 
 @pytest.fixture
 def project_repo(tmp_path: Path) -> Path:
+    return make_project_repo(tmp_path)
+
+
+def make_project_repo(tmp_path: Path) -> Path:
     """A fresh git + DVC repository holding this project's dvc.yaml and params.yaml."""
     repo = tmp_path / "repo"
     repo.mkdir()

@@ -23,7 +23,7 @@ registry_app = typer.Typer(
     help="The registered model in the MLflow model registry: versions and aliases.", no_args_is_help=True
 )
 app.add_typer(registry_app, name="registry")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # no hard wraps: messages stay greppable in logs
 
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="Parameters file.")
 DATA_DIR = Path("data")
@@ -404,12 +404,16 @@ def video_command(
     params_file: Path = PARAMS,
 ) -> None:
     """Boxes, ages and genders drawn on every frame of a camera or video, with a frames-per-second readout."""
-    from agegender.video import annotate_video
+    from agegender.video import annotate_video, open_capture
 
     params = params_or_exit(params_file)
+    try:
+        capture = open_capture(source)
+    except (OSError, ValueError) as err:
+        raise fail(str(err)) from None
     predictor = load_predictor(model, params)
     try:
-        stats = annotate_video(predictor, source, out=out, max_frames=max_frames)
+        stats = annotate_video(predictor, capture, name=source, out=out, max_frames=max_frames)
     except (OSError, ValueError) as err:
         raise fail(str(err)) from None
     console.print(

@@ -30,9 +30,10 @@ def open_writer(out: Path, fps: float, size: tuple[int, int]) -> cv2.VideoWriter
     return writer
 
 
-def annotate_video(predictor, source: str, *, out: Path | None = None, max_frames: int = 0) -> dict:
+def annotate_video(
+    predictor, capture: cv2.VideoCapture, *, name: str, out: Path | None = None, max_frames: int = 0
+) -> dict:
     """Predict every frame; write the annotated frames to `out`. Returns frames, faces and frames/s."""
-    capture = open_capture(source)
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
     if max_frames:
         total = min(total or max_frames, max_frames)
@@ -40,7 +41,7 @@ def annotate_video(predictor, source: str, *, out: Path | None = None, max_frame
     start = time.perf_counter()
     try:
         with Progress(transient=True) as progress:
-            task = progress.add_task(f"Annotating {source}", total=total)
+            task = progress.add_task(f"Annotating {name}", total=total)
             while not max_frames or frames < max_frames:
                 ok, frame = capture.read()
                 if not ok:
@@ -53,11 +54,11 @@ def annotate_video(predictor, source: str, *, out: Path | None = None, max_frame
                         rate = capture.get(cv2.CAP_PROP_FPS) or 25.0
                         writer = open_writer(out, rate, (frame.shape[1], frame.shape[0]))
                     writer.write(draw_faces(frame, found, footer=f"{fps:.1f} fps"))
-                progress.update(task, advance=1, description=f"Annotating {source}: {fps:.1f} fps")
+                progress.update(task, advance=1, description=f"Annotating {name}: {fps:.1f} fps")
     finally:
         capture.release()
         if writer is not None:
             writer.release()
     if frames == 0:
-        raise ValueError(f"{source}: no frames could be read")
+        raise ValueError(f"{name}: no frames could be read")
     return {"frames": frames, "faces": faces, "fps": fps}

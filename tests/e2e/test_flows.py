@@ -14,18 +14,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import BIN, PROJECT, run, utkface_files
+from tests.conftest import BIN, PROJECT, free_port, run, set_params, start, stop, tail, utkface_files, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -37,16 +34,6 @@ TINY = {
 }
 DEPLOYMENT = "agegender-training/retrain"
 RUN_TIMEOUT = 1500  # s for one triggered flow run (training included) on a slow shared machine
-
-
-def set_params(repo: Path, changes: dict) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in changes.items():
-        if isinstance(values, dict):
-            params[section].update(values)
-        else:
-            params[section] = values
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def has_stage(repo: Path, name: str) -> bool:
@@ -144,47 +131,6 @@ def test_flow_runs_the_pipeline_then_skips_unchanged_data(project_repo, utk_subs
 
 
 # ---------------------------------------------------------------- real server
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start(args: list[str], *, cwd: Path, env: dict, log: Path) -> subprocess.Popen:
-    """A long-running process in its own session (so stopping it stops its children too)."""
-    with log.open("w") as handle:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(args, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(process: subprocess.Popen) -> None:
-    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def tail(log: Path, lines: int = 60) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
-
-
-def wait_until(check, *, what: str, seconds: float, process: subprocess.Popen, log: Path):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"{what}: the process exited with {process.returncode}\n{tail(log)}")
-        result = check()
-        if result:
-            return result
-        time.sleep(1)
-    raise AssertionError(f"{what}: not within {seconds} s\n{tail(log)}")
 
 
 def healthy(api: str) -> bool:

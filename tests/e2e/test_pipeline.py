@@ -5,8 +5,8 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import run
-from tests.integration.test_training_stages import TINY, set_params
+from tests.conftest import run, set_params
+from tests.integration.test_training_stages import TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import time
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import BIN, run
+from tests.conftest import BIN, free_port, run, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -19,16 +18,6 @@ TINY = {
     "train": {"width": 8, "epochs": 2, "batch_size": 32, "warmup_epochs": 0, "patience": 2},
 }
 TWO_CANDIDATES = [{"name": "small", "train": {}}, {"name": "wider", "train": {"width": 12}}]
-
-
-def set_params(repo, changes: dict) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in changes.items():
-        if isinstance(values, dict):
-            params[section].update(values)
-        else:
-            params[section] = values
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.fixture
@@ -125,12 +114,6 @@ def test_bad_training_input_writes_no_model(project_repo, utk_subset):
     nan = run("agegender", "train", cwd=project_repo, check=False)
     assert nan.returncode == 1 and "loss became nan" in nan.stderr and "No model was written" in nan.stderr
     assert not (project_repo / "artifacts/model").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_training_against_a_remote_tracking_server(project_repo, utk_subset, tmp_path):

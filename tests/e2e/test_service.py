@@ -1,0 +1,376 @@
+"""`bentoml serve` with a registered champion trained on real UTKFace chips, called over HTTP.
+
+One tiny champion is trained by `dvc repro` for the module; one real server serves it.
+The service, the in-process Predictor and the CLI must give the same answers; every kind
+of bad upload gets a 4xx that names the problem and the server keeps answering; a new
+champion is picked up without a restart; the demo page works in headless Chromium.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from benchmarks.scenes import compose, match_faces
+from PIL import Image
+
+from tests.conftest import (
+    BIN,
+    PROJECT,
+    copy_utk_subset,
+    free_port,
+    make_project_repo,
+    run,
+    set_params,
+    start,
+    stop,
+    tail,
+    utkface_files,
+    wait_until,
+)
+from tests.unit.test_decode import bomb_png
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+TINY = {
+    "preprocess": {"image_size": 32},
+    "train": {"width": 8, "epochs": 3, "batch_size": 32, "warmup_epochs": 0, "patience": 3},
+    "gates": {"max_age_mae": 100.0, "min_gender_accuracy": 0.0, "max_group_gap": 100.0},
+    "serve": {"reload_seconds": 2, "max_upload_mb": 2, "max_megapixels": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def champion_repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("service")
+    repo = make_project_repo(root)
+    utk = copy_utk_subset(root / "utk", count=160)
+    set_params(repo, TINY)
+    run("agegender", "data", "ingest", str(utk), cwd=repo)
+    run("dvc", "repro", cwd=repo)
+    return repo
+
+
+def store_uri(repo: Path) -> str:
+    return f"sqlite:///{repo / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def server(champion_repo, tmp_path_factory):
+    port, log = free_port(), tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri(champion_repo)}
+    args = [str(BIN / "bentoml"), "serve", "service.service:AgeGender", "--host", "127.0.0.1", "--port", str(port)]
+    process = start([*args, "--arg", f"params={champion_repo / 'params.yaml'}"], cwd=PROJECT, env=env, log=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: ready(url), what="bentoml serve ready", seconds=240, process=process, log=log)
+        yield {"url": url, "process": process, "log": log}
+    finally:
+        stop(process)
+
+
+def ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def multipart(fields: list[tuple[str, str, bytes, str]]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = b""
+    for name, filename, data, content_type in fields:
+        body += (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                f"Content-Type: {content_type}\r\n\r\n"
+            ).encode()
+            + data
+            + b"\r\n"
+        )
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def post(url: str, route: str, data: bytes | None = None, *, field="image", content_type=None, body=None):
+    """(status, headers, body bytes) of a POST; `data` goes in as one multipart file."""
+    if body is None:
+        body, content_type = multipart([(field, "upload.jpg", data, "image/jpeg")])
+    request = urllib.request.Request(f"{url}/{route}", data=body, method="POST")
+    request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def scene_bytes(count: int = 3, seed: int = 0) -> tuple[bytes, list]:
+    chips = [cv2.imread(str(p)) for p in utkface_files(count, offset=seed)]
+    image, boxes = compose(chips, np.random.default_rng(seed))
+    return cv2.imencode(".png", image)[1].tobytes(), boxes
+
+
+def test_service_predictor_and_cli_give_the_same_answer(server, champion_repo, tmp_path):
+    from agegender.inference import Predictor, decode_image
+    from agegender.tracking import configure_tracking
+
+    data, boxes = scene_bytes()
+    status, _, body = post(server["url"], "predict", data)
+    assert status == 200, body
+    served = json.loads(body)
+    assert served["model"]["version"] == "1" and served["model"]["model"] == "agegender"
+    assert served["width"] > served["height"] > 0
+    assert all(m is not None for m in match_faces(served["faces"], boxes)), "every pasted face is found"
+
+    configure_tracking(champion_repo, store_uri(champion_repo))
+    predictor = Predictor.from_registry("models:/agegender@champion")
+    local = predictor.predict_image(decode_image(data, max_bytes=2**24, max_pixels=10**7))
+
+    (tmp_path / "scene.png").write_bytes(data)
+    cli = run("agegender", "predict", str(tmp_path / "scene.png"), "--json", cwd=champion_repo)
+    from_cli = json.loads(cli.stdout.strip().splitlines()[-1])["faces"]
+
+    for other in (local, from_cli):
+        assert [f["box"] for f in other] == [f["box"] for f in served["faces"]]
+        assert [f["gender"] for f in other] == [f["gender"] for f in served["faces"]]
+        np.testing.assert_allclose([f["age"] for f in other], [f["age"] for f in served["faces"]], atol=0.11)
+
+
+def test_annotate_returns_the_image_with_boxes_and_batch_answers_each_image(server):
+    data, _ = scene_bytes(count=2, seed=5)
+    status, headers, body = post(server["url"], "annotate", data)
+    assert status == 200 and headers["content-type"] == "image/jpeg"
+    annotated = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+    original = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert annotated.shape == original.shape
+    assert np.abs(annotated.astype(int) - original.astype(int)).max() > 100, "boxes and labels are drawn"
+    assert headers["x-model-version"] == "1" and int(headers["x-faces"]) >= 2
+
+    other, _ = scene_bytes(count=1, seed=9)
+    body, content_type = multipart([("images", "a.png", data, "image/png"), ("images", "b.png", other, "image/png")])
+    status, _, answer = post(server["url"], "predict_batch", body=body, content_type=content_type)
+    results = json.loads(answer)["results"]
+    assert status == 200 and [len(r["faces"]) >= n for r, n in zip(results, (2, 1), strict=True)] == [True, True]
+
+
+def image_bytes(array: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_every_image_kind_decodes_and_a_faceless_image_gives_an_empty_list(server):
+    chip = cv2.cvtColor(cv2.imread(str(utkface_files(1, offset=3)[0])), cv2.COLOR_BGR2RGB)
+    rgba = np.dstack([chip, np.full(chip.shape[:2], 255, np.uint8)])
+    gray16 = cv2.cvtColor(chip, cv2.COLOR_RGB2GRAY).astype(np.uint16) * 257
+    kinds = {
+        "jpeg": image_bytes(chip, "JPEG"),
+        "png-rgba": image_bytes(rgba, "PNG"),
+        "webp": image_bytes(chip, "WEBP"),
+        "bmp": image_bytes(chip, "BMP"),
+        "gray": image_bytes(cv2.cvtColor(chip, cv2.COLOR_RGB2GRAY), "PNG"),
+        "png-16-bit": cv2.imencode(".png", gray16)[1].tobytes(),
+    }
+    for kind, data in kinds.items():
+        status, _, body = post(server["url"], "predict", data)
+        assert status == 200, (kind, body)
+        assert len(json.loads(body)["faces"]) == 1, kind
+    blank = np.full((240, 320, 3), 128, np.uint8)
+    status, _, body = post(server["url"], "predict", image_bytes(blank, "PNG"))
+    assert status == 200 and json.loads(body)["faces"] == []
+
+
+BAD_UPLOADS = {
+    "non-image bytes": (b"%PDF-1.4 this is not an image", 415, "not an image"),
+    "truncated jpeg": (None, 400, "truncated"),
+    "zero bytes": (b"", 400, "0 bytes"),
+    "decompression bomb": (bomb_png(30000), 413, "too large"),
+    "absurd size": (bomb_png(5000), 413, "too large: 5000x5000"),
+    "over max_upload_mb": (b"\xff\xd8\xff" + os.urandom(3 * 2**20), 413, "over the limit"),
+}
+
+
+def test_bad_uploads_get_a_4xx_that_names_the_problem_and_the_service_lives_on(server):
+    good, _ = scene_bytes(count=1, seed=2)
+    cases = dict(BAD_UPLOADS)
+    cases["truncated jpeg"] = (
+        cv2.imencode(".jpg", cv2.imread(str(utkface_files(1)[0])))[1].tobytes()[:2500],
+        400,
+        "truncated",
+    )
+    for name, (data, status, words) in cases.items():
+        for route in ("predict", "annotate"):
+            got, headers, body = post(server["url"], route, data)
+            assert got == status and headers["content-type"].startswith("application/json"), (name, route, body)
+            assert words in json.loads(body)["error"], (name, json.loads(body))
+    wrong_type = post(server["url"], "predict", body=good, content_type="text/plain")
+    assert wrong_type[0] == 415 and "multipart/form-data" in json.loads(wrong_type[2])["error"]
+    wrong_field = post(server["url"], "predict", good, field="photo")
+    assert wrong_field[0] == 400 and "'image'" in json.loads(wrong_field[2])["error"]
+    garbled = post(server["url"], "predict", body=b"--x\r\ngarbage", content_type="multipart/form-data; boundary=x")
+    assert garbled[0] == 400
+    # The batch names the bad image and answers nothing else.
+    body, content_type = multipart([("images", "a.png", good, "image/png"), ("images", "b.jpg", b"nope", "image/jpeg")])
+    status, _, answer = post(server["url"], "predict_batch", body=body, content_type=content_type)
+    assert status == 415 and "image 1" in json.loads(answer)["error"]
+
+    assert server["process"].poll() is None, tail(server["log"])
+    status, _, body = post(server["url"], "predict", good)
+    assert status == 200 and len(json.loads(body)["faces"]) == 1
+
+
+def test_metadata_names_the_model_and_its_data_version(server, champion_repo):
+    import yaml
+
+    data_md5 = yaml.safe_load((champion_repo / "data.dvc").read_text())["outs"][0]["md5"].removesuffix(".dir")
+    with urllib.request.urlopen(f"{server['url']}/ui/metadata", timeout=30) as response:
+        meta = json.loads(response.read())
+    assert meta["model"] == "agegender" and meta["version"] == "1" and meta["data_version"] == data_md5
+    status, _, body = post(server["url"], "metadata", body=b"{}", content_type="application/json")
+    assert status == 200 and json.loads(body) == meta
+
+
+def test_demo_page_annotates_a_chosen_image_in_headless_chromium(server, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    data, _ = scene_bytes(count=2, seed=7)
+    (tmp_path / "scene.png").write_bytes(data)
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
+        options.add_argument(flag)
+    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    try:
+        driver.get(f"{server['url']}/ui/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: "version 1" in d.find_element(By.ID, "model").text)
+        driver.find_element(By.ID, "file").send_keys(str(tmp_path / "scene.png"))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#faces tbody tr"))
+        wait.until(
+            lambda d: d.execute_script(
+                "const i = document.getElementById('annotated'); return !i.hidden && i.complete && i.naturalWidth > 0;"
+            )
+        )
+        rows = driver.find_elements(By.CSS_SELECTOR, "#faces tbody tr")
+        assert len(rows) >= 2 and rows[0].find_elements(By.TAG_NAME, "td")[4].text in ("female", "male")
+        width = driver.execute_script("return document.getElementById('annotated').naturalWidth")
+        assert width == cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).shape[1]
+
+        # A bad file shows the service's message, not a broken page.
+        (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
+        driver.find_element(By.ID, "file").send_keys(str(tmp_path / "bad.jpg"))
+        wait.until(lambda d: "not an image" in d.find_element(By.ID, "error").text)
+    finally:
+        driver.quit()
+
+
+def test_video_cli_draws_every_frame(champion_repo, tmp_path):
+    frames = [
+        compose([cv2.imread(str(p)) for p in utkface_files(2, offset=i)], np.random.default_rng(i))[0] for i in range(6)
+    ]
+    height, width = frames[0].shape[:2]
+    source = tmp_path / "in.avi"
+    writer = cv2.VideoWriter(str(source), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (width, height))
+    for frame in frames:
+        writer.write(cv2.resize(frame, (width, height)))
+    writer.release()
+    out = tmp_path / "out.avi"
+    result = run("agegender", "video", str(source), "--out", str(out), cwd=champion_repo)
+    assert "6 frames" in result.stderr and "frames/s" in result.stderr
+    capture = cv2.VideoCapture(str(out))
+    written = []
+    while (frame := capture.read())[0]:
+        written.append(frame[1])
+    assert len(written) == 6 and written[0].shape == (height, width, 3)
+    missing = run("agegender", "video", str(tmp_path / "nope.mp4"), cwd=champion_repo, check=False)
+    assert missing.returncode == 1 and "no such video file" in missing.stderr
+
+
+def test_eval_dir_scores_a_labelled_folder(champion_repo, tmp_path):
+    folder = copy_utk_subset(tmp_path / "other", count=40)
+    result = run("agegender", "eval-dir", str(folder), "--json", cwd=champion_repo)
+    metrics = json.loads(result.stdout)
+    assert metrics["n_samples"] == 40 and metrics["skipped"] == {"unlabelled": 2, "unreadable": 0}
+    assert 0 < metrics["age_mae"] < 100 and 0 <= metrics["gender_accuracy"] <= 1
+    assert metrics["model"]["version"] == "1"
+
+
+def test_a_new_champion_is_served_without_a_restart_or_a_failed_request(server, champion_repo):
+    """Runs last in this module: it changes the registry."""
+    import mlflow
+
+    from agegender.registry import register_candidate
+    from agegender.tracking import configure_tracking
+
+    data, _ = scene_bytes(count=1, seed=4)
+    failures, answered_by, stop_flag = [], set(), threading.Event()
+
+    def keep_asking():
+        while not stop_flag.is_set():
+            status, _, body = post(server["url"], "predict", data)
+            if status != 200:
+                failures.append((status, body))
+            else:
+                answered_by.add(json.loads(body)["model"]["version"])
+
+    client_thread = threading.Thread(target=keep_asking)
+    client_thread.start()
+    try:
+        configure_tracking(champion_repo, store_uri(champion_repo))
+        client = mlflow.MlflowClient()
+        first = client.get_model_version("agegender", "1")
+        decision = {"absolute_pass": True, "full_pass": False, "has_champion": True, "checks": [], "summary": "test"}
+        register_candidate(
+            client,
+            model_name="agegender",
+            model_uri=f"runs:/{first.run_id}/model",
+            run_id=first.run_id,
+            tags={"data_version": first.tags["data_version"]},
+            decision=decision,
+        )
+        run("agegender", "registry", "promote", "2", cwd=champion_repo)
+
+        def serving_two():
+            status, _, body = post(server["url"], "metadata", body=b"{}", content_type="application/json")
+            return status == 200 and json.loads(body)["version"] == "2"
+
+        wait_until(
+            serving_two,
+            what="the service picks up version 2",
+            seconds=120,
+            process=server["process"],
+            log=server["log"],
+        )
+        time.sleep(1)
+    finally:
+        stop_flag.set()
+        client_thread.join(timeout=120)
+    assert failures == []
+    assert answered_by == {"1", "2"}
+    assert "swapped to" in server["log"].read_text()
+    assert server["process"].poll() is None, "the same process serves on: no restart"
