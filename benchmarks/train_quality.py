@@ -1,6 +1,8 @@
 """The real pipeline on all of ../shared/datasets/utkface-part1 with the README's real-data params.
 
-Run: .venv/bin/python benchmarks/train_quality.py
+Run: .venv/bin/python benchmarks/train_quality.py [--keep DIR]
+(--keep DIR works in DIR instead of a temporary folder and registers the model there as
+the champion of DIR/mlflow.db, for benchmarks/service.py.)
 Writes benchmarks/results/train_quality.json: preprocessing images/s, test-split age MAE
 and gender accuracy (overall and 18+), training wall time, the fit's images/s through the
 tf.data pipeline vs the same model fed from in-memory arrays (one run, so the ratio is
@@ -9,6 +11,7 @@ fair on this shared machine), inference ms/face at batch 32 and the model file s
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -88,10 +91,32 @@ def inference_ms_per_face(model_path: Path, size: int) -> float:
     return round((time.perf_counter() - start) / (30 * 32) * 1000, 3)
 
 
+def register_champion(artifacts: Path, params: Params) -> None:
+    import mlflow
+
+    from agegender.registry import register_candidate
+
+    card = json.loads((artifacts / "model/card.json").read_text())
+    result = register_candidate(
+        mlflow.MlflowClient(),
+        model_name=params.registry.model_name,
+        model_uri=f"runs:/{card['mlflow_run_id']}/model",
+        run_id=card["mlflow_run_id"],
+        tags={"data_version": card["data_version"]},
+        decision=json.loads((artifacts / "eval/gate.json").read_text()),
+    )
+    print(result.summary)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", type=Path, help="work in this folder and register the model there")
+    args = parser.parse_args()
     params = real_params()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep.resolve() if args.keep else Path(scratch)
         data, artifacts = tmp / "data", tmp / "artifacts"
         ingest(str(UTKFACE), data, append=False, demo=params.data.demo)
         validate_dataset(data, artifacts / "validation", params.validate_)
@@ -124,6 +149,8 @@ def main() -> None:
             gates=params.gates,
             age_buckets=params.validate_.age_buckets,
         )
+        if args.keep:
+            register_champion(artifacts, params)
         test = json.loads((artifacts / "eval/metrics.json").read_text())
         history = (artifacts / "model/history.csv").read_text()
         result = {
