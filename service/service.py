@@ -16,6 +16,7 @@ import os
 import threading
 from pathlib import Path
 
+import aiohttp
 import bentoml
 import numpy as np
 from fastapi import FastAPI
@@ -37,6 +38,7 @@ class ServeArgs(BaseModel):
 
 ARGS = bentoml.use_arguments(ServeArgs)
 SERVE = load_params(Path(ARGS.params)).serve
+BENTO_MODEL = "agegender:latest"
 DEMO_PAGE = (Path(__file__).parent / "demo.html").read_text()
 ui = FastAPI(title="agegender demo page and metadata")
 
@@ -53,11 +55,16 @@ class FaceModel:
     """The registered model; swaps to a new champion after it has loaded and warmed up."""
 
     def __init__(self) -> None:
-        configure_tracking(Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI"))
-        self.predictor = load_checked(SERVE.model_uri)
-        log.warning("serving %s", self.predictor.describe())
         self.stop = threading.Event()
-        threading.Thread(target=self.watch_registry, daemon=True, name="champion-watch").start()
+        if FaceModel.bento is not None:
+            # A built Bento carries its model (bentofile.yaml `models:`); it serves that one, no registry.
+            self.predictor = Predictor.from_bentoml(BENTO_MODEL)
+            self.predictor.warm_up()
+        else:
+            configure_tracking(Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI"))
+            self.predictor = load_checked(SERVE.model_uri)
+            threading.Thread(target=self.watch_registry, daemon=True, name="champion-watch").start()
+        log.warning("serving %s", self.predictor.describe())
 
     def watch_registry(self) -> None:
         while not self.stop.wait(SERVE.reload_seconds):
@@ -200,8 +207,18 @@ class AgeGender:
             max_pixels=int(SERVE.max_megapixels * 1e6),
         )
 
+    def call_model(self, images: list[np.ndarray]) -> list[dict]:
+        for _ in range(2):
+            try:
+                return self.model.predict_images(images)
+            except aiohttp.ClientConnectionError:
+                # BentoML 1.4.40 replaces its inter-service HTTP session every 100 calls and closes
+                # the old one with calls still in flight; those calls fail with connection errors and are safe to repeat.
+                log.warning("model service connection closed under the call; repeating it")
+        return self.model.predict_images(images)
+
     def answer(self, images: list[np.ndarray]) -> list[dict]:
-        results = self.model.predict_images(images)
+        results = self.call_model(images)
         return [
             {"faces": r["faces"], "width": img.shape[1], "height": img.shape[0], "model": r["model"]}
             for img, r in zip(images, results, strict=True)

@@ -129,9 +129,9 @@ def wait_until(check, *, what: str, seconds: float, process: subprocess.Popen, l
     raise AssertionError(f"{what}: not within {seconds} s\n{tail(log)}")
 
 
-def run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def run(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a real command (agegender, dvc, git) the way a user would."""
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result

@@ -450,6 +450,22 @@ def eval_dir_command(
     console.print(f"skipped: {metrics['skipped']}")
 
 
+@registry_app.command("to-bentoml")
+def registry_to_bentoml_command(model: str | None = MODEL, params_file: Path = PARAMS) -> None:
+    """Copy a registered model into the BentoML model store, so `bentoml build` can pack it into a Bento."""
+    from agegender.inference import import_to_bentoml
+    from agegender.tracking import configure_tracking
+
+    params = params_or_exit(params_file)
+    model = model or params.serve.model_uri
+    configure_tracking(Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI"))
+    try:
+        tag = import_to_bentoml(model)
+    except Exception as err:  # MLflow raises many types; every one means "no such model"
+        raise fail(f"cannot import {model}: {err}") from None
+    console.print(f"{model} is now {tag} in the BentoML model store (bentoml models list)")
+
+
 def params_hash(params: Params) -> str:
     import hashlib
 

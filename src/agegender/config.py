@@ -137,7 +137,7 @@ class ServeParams(Section):
     max_megapixels: float = Field(40.0, gt=0.0, le=1000.0, description="decoded width x height, in millions")
     reload_seconds: float = Field(30.0, ge=1.0, description="how often the service looks for a new champion")
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per adaptive batch of the model service")
-    max_latency_ms: int = Field(200, ge=1)
+    max_latency_ms: int = Field(5000, ge=1, description="queued longer than this: 503, load shed")
 
 
 class Params(Section):

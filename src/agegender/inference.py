@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,11 +101,18 @@ class ModelInfo:
 class Predictor:
     """A loaded model with its crop geometry and face detector."""
 
-    def __init__(self, model, spec: ModelSpec, info: ModelInfo, detector: Detector | None = None) -> None:
+    def __init__(
+        self, model, spec: ModelSpec, info: ModelInfo, detector: Detector | None = None, detect_threads: int = 0
+    ) -> None:
         self.model = model
         self.spec = spec
         self.info = info
         self.detector = detector or make_detector(spec.detector)
+        # Detection dominates the cost of an image and OpenCV frees the GIL: the images of a
+        # batch are detected in parallel threads, one detector each (a detector is not thread-safe).
+        self.detect_threads = detect_threads or min(os.cpu_count() or 1, 8)
+        self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()
 
     @classmethod
     def from_path(cls, model_dir: Path) -> Predictor:
@@ -147,6 +157,23 @@ class Predictor:
         if not (np.isfinite(ages).all() and np.isfinite(female).all()):
             raise RuntimeError(f"{self.info.uri}: the warm-up call returned non-finite outputs")
 
+    @classmethod
+    def from_bentoml(cls, tag: str) -> Predictor:
+        """A model imported into the BentoML store by `import_to_bentoml` (how a built Bento carries it)."""
+        import bentoml
+        import mlflow
+
+        stored = bentoml.models.get(tag)
+        model = mlflow.tensorflow.load_model(stored.path_of("mlflow_model"))
+        spec = ModelSpec.model_validate(stored.info.metadata["spec"])
+        info = ModelInfo(
+            name=stored.info.labels["registered_model"],
+            version=stored.info.labels["version"],
+            data_version=spec.data_version,
+            uri=f"bentoml:{stored.tag}",
+        )
+        return cls(model, spec, info)
+
     def predict_crops(self, crops: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """(age in years, probability of female) for crops made by `crop_face` with this model's spec."""
         if len(crops) == 0:
@@ -169,10 +196,22 @@ class Predictor:
         """Predictions for face chips, cropped exactly as preprocessing cropped the training data."""
         return self.predict_crops(np.stack([self.crop_chip(image) for image in images]))
 
+    def detect_all(self, images: list[np.ndarray]) -> list[list]:
+        if len(images) == 1 or self.detect_threads == 1:
+            return [self.detector.detect(image) for image in images]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.detect_threads, thread_name_prefix="detect")
+        return list(self._pool.map(self._detect_in_thread, images))
+
+    def _detect_in_thread(self, image: np.ndarray) -> list:
+        if not hasattr(self._local, "detector"):
+            self._local.detector = make_detector(self.spec.detector)
+        return self._local.detector.detect(image)
+
     def predict_images(self, images: list[np.ndarray]) -> list[list[dict]]:
         """Every face the detector finds in each image; the faces of all images share one model call."""
         images = [to_bgr(image) for image in images]
-        boxes = [self.detector.detect(image) for image in images]
+        boxes = self.detect_all(images)
         crops = [
             crop_face(image, box, margin=self.spec.margin, size=self.spec.image_size)
             for image, found in zip(images, boxes, strict=True)
@@ -195,6 +234,22 @@ class Predictor:
     def predict_image(self, image: np.ndarray) -> list[dict]:
         """Every face the detector finds in an arbitrary image, with box, age and gender."""
         return self.predict_images([image])[0]
+
+
+def import_to_bentoml(uri: str, name: str = "agegender") -> str:
+    """Copy a registered model (and its crop spec) into the BentoML model store; returns its tag."""
+    import bentoml
+    import mlflow
+
+    model_name, version = resolve_version(uri)
+    spec_path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="outputs/spec.json")
+    stored = bentoml.mlflow.import_model(
+        name,
+        f"models:/{model_name}/{version.version}",
+        labels={"registered_model": model_name, "version": str(version.version)},
+        metadata={"spec": json.loads(Path(spec_path).read_text()), "source": uri},
+    )
+    return str(stored.tag)
 
 
 def face_result(box, age: float, female: float) -> dict:

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 import urllib.error
@@ -318,6 +319,40 @@ def test_eval_dir_scores_a_labelled_folder(champion_repo, tmp_path):
     assert metrics["n_samples"] == 40 and metrics["skipped"] == {"unlabelled": 2, "unreadable": 0}
     assert 0 < metrics["age_mae"] < 100 and 0 <= metrics["gender_accuracy"] <= 1
     assert metrics["model"]["version"] == "1"
+
+
+def test_a_built_bento_carries_the_model_and_serves_it_without_the_registry(champion_repo, tmp_path):
+    """make bento's three steps in a copy of the build context, then `bentoml serve` the Bento from elsewhere."""
+    context = tmp_path / "context"
+    shutil.copytree(PROJECT / "service", context / "service", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copyfile(PROJECT / "params.yaml", context / "params.yaml")
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "MLFLOW_TRACKING_URI": store_uri(champion_repo)}
+    run(sys.executable, "-m", "uv", "build", "--wheel", "--out-dir", str(context / "dist"), str(PROJECT), cwd=tmp_path)
+    run("agegender", "registry", "to-bentoml", cwd=champion_repo, env=env)
+    run("bentoml", "build", "-f", "service/bentofile.yaml", ".", cwd=context, env=env)
+    listed = json.loads(run("bentoml", "get", "agegender:latest", "-o", "json", cwd=tmp_path, env=env).stdout)
+    assert any(m["tag"].startswith("agegender:") for m in listed["models"])
+
+    # Served from an empty folder with no tracking store: the model can only come from the Bento.
+    elsewhere, port, log = tmp_path / "elsewhere", free_port(), tmp_path / "bento.log"
+    elsewhere.mkdir()
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{elsewhere / 'empty.db'}"
+    process = start(
+        ["bentoml", "serve", "agegender:latest", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=elsewhere,
+        env=env,
+        log=log,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: ready(url), what="the Bento serves", seconds=240, process=process, log=log)
+        data, _ = scene_bytes(count=1, seed=11)
+        status, _, body = post(url, "predict", data)
+        answer = json.loads(body)
+        assert status == 200 and len(answer["faces"]) == 1
+        assert answer["model"]["uri"].startswith("bentoml:agegender:") and answer["model"]["version"] == "1"
+    finally:
+        stop(process)
 
 
 def test_a_new_champion_is_served_without_a_restart_or_a_failed_request(server, champion_repo):
