@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,15 @@ def wait_until(check, *, what: str, seconds: float, process: subprocess.Popen, l
             return result
         time.sleep(1)
     raise AssertionError(f"{what}: not within {seconds} s\n{tail(log)}")
+
+
+def answers_ok(url: str) -> bool:
+    """True when a GET of url answers 200 (a server's health or readiness route)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def run(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -16,13 +16,24 @@ import os
 import shutil
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import BIN, PROJECT, free_port, run, set_params, start, stop, tail, utkface_files, wait_until
+from tests.conftest import (
+    BIN,
+    PROJECT,
+    answers_ok,
+    free_port,
+    run,
+    set_params,
+    start,
+    stop,
+    tail,
+    utkface_files,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -133,14 +144,6 @@ def test_flow_runs_the_pipeline_then_skips_unchanged_data(project_repo, utk_subs
 # ---------------------------------------------------------------- real server
 
 
-def healthy(api: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api}/health", timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def deployment_named(name: str):
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
@@ -203,7 +206,9 @@ def test_scheduled_deployment_retrains_only_when_the_data_changes(project_repo, 
             log=server_log,
         )
         processes.append(server)
-        wait_until(lambda: healthy(api), what="prefect server", seconds=240, process=server, log=server_log)
+        wait_until(
+            lambda: answers_ok(f"{api}/health"), what="prefect server", seconds=240, process=server, log=server_log
+        )
 
         serve = start([sys.executable, "-m", "flows.retrain"], cwd=project_repo, env=env, log=serve_log)
         processes.append(serve)

@@ -29,6 +29,7 @@ from PIL import Image
 from tests.conftest import (
     BIN,
     PROJECT,
+    answers_ok,
     copy_utk_subset,
     free_port,
     make_project_repo,
@@ -75,18 +76,12 @@ def server(champion_repo, tmp_path_factory):
     process = start([*args, "--arg", f"params={champion_repo / 'params.yaml'}"], cwd=PROJECT, env=env, log=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: ready(url), what="bentoml serve ready", seconds=240, process=process, log=log)
+        wait_until(
+            lambda: answers_ok(f"{url}/readyz"), what="bentoml serve ready", seconds=240, process=process, log=log
+        )
         yield {"url": url, "process": process, "log": log}
     finally:
         stop(process)
-
-
-def ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def multipart(fields: list[tuple[str, str, bytes, str]]) -> tuple[bytes, str]:
@@ -345,7 +340,7 @@ def test_a_built_bento_carries_the_model_and_serves_it_without_the_registry(cham
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: ready(url), what="the Bento serves", seconds=240, process=process, log=log)
+        wait_until(lambda: answers_ok(f"{url}/readyz"), what="the Bento serves", seconds=240, process=process, log=log)
         data, _ = scene_bytes(count=1, seed=11)
         status, _, body = post(url, "predict", data)
         answer = json.loads(body)
