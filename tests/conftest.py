@@ -102,16 +102,28 @@ def start(args: list[str], *, cwd: Path, env: dict, log: Path) -> subprocess.Pop
 
 
 def stop(process: subprocess.Popen) -> None:
+    """Stop a server and everything it started (bentoml's workers run in sessions of their own)."""
+    import psutil
+
+    try:
+        family = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
     for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
-            return
+            break
         try:
             process.wait(timeout=grace)
-            return
+            break
         except subprocess.TimeoutExpired:
             continue
+    for child in family:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def tail(log: Path, lines: int = 60) -> str:

@@ -89,7 +89,7 @@ def report_for(flow_run_id) -> str:
     return artifacts[0].data
 
 
-def test_flow_runs_the_pipeline_then_skips_unchanged_data(project_repo, utk_subset):
+def test_flow_trains_skips_unchanged_data_and_never_promotes_a_worse_model(project_repo, utk_subset):
     from flows.training import training_flow
     from prefect.testing.utilities import prefect_test_harness
 
@@ -139,6 +139,26 @@ def test_flow_runs_the_pipeline_then_skips_unchanged_data(project_repo, utk_subs
             assert "train" in again["unchanged"]
         assert (project_repo / "dvc.lock").read_text() == lock
         assert len(training_runs(project_repo)) == 1, "no second training run in MLflow"
+
+        # A deliberately worse candidate (one epoch, tiny learning rate), forced: it trains and
+        # registers, is scored against the champion on the same test split, and is not promoted.
+        set_params(project_repo, {"train": {"epochs": 1, "learning_rate": 0.0001}, "gates": {"min_improvement": 0.5}})
+        third = training_flow(project_root=str(project_repo), force=True, return_state=True)
+        assert third.is_completed(), third.message
+        worse = third.result()
+        assert "train" in worse["ran"] and worse["gate"]["full_pass"] is False
+        assert champion_version(project_repo) == "1"
+    run("agegender", "registry", "promote", "2", cwd=project_repo)
+    assert champion_version(project_repo) == "2"
+    run("agegender", "registry", "rollback", cwd=project_repo)
+    assert champion_version(project_repo) == "1"
+
+
+def champion_version(repo: Path) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    return str(client.get_model_version_by_alias("agegender", "champion").version)
 
 
 # ---------------------------------------------------------------- real server
