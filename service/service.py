@@ -128,6 +128,10 @@ class UploadGuard:
         if refusal is None:
             body = await read_body(receive)
             refusal = await check_fields(scope, body, field)
+        else:
+            # Read and drop the body before answering: a client still sending it would otherwise
+            # see a reset connection instead of the error. Memory stays flat, chunk by chunk.
+            await read_body(receive, keep=False)
         if refusal:
             await JSONResponse({"error": refusal[1]}, status_code=refusal[0])(scope, receive, send)
             return
@@ -150,12 +154,13 @@ class UploadGuard:
         return None
 
 
-async def read_body(receive) -> bytes:
+async def read_body(receive, keep: bool = True) -> bytes:
     chunks, more = [], True
     while more:
         message = await receive()
-        chunks.append(message.get("body", b""))
-        more = message.get("more_body", False)
+        if keep:
+            chunks.append(message.get("body", b""))
+        more = message.get("more_body", False) and message["type"] == "http.request"
     return b"".join(chunks)
 
 
