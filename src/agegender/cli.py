@@ -152,12 +152,12 @@ def preprocess_command(params_file: Path = PARAMS) -> None:
 def train_command(params_file: Path = PARAMS) -> None:
     """Train the multi-task Keras model on artifacts/prepared; track the run in MLflow."""
     from agegender.data.versioning import data_version
-    from agegender.tracking import configure_tracking, git_commit
+    from agegender.tracking import git_commit
     from agegender.training import TrainingError, train_candidates
 
     params = params_or_exit(params_file)
     root = Path.cwd()
-    uri = configure_tracking(root, os.environ.get("MLFLOW_TRACKING_URI"))
+    uri = use_project_store()
     version = data_version(Path("data.dvc"))
     cfg = params.train
     run_name = f"{cfg.backbone}-{cfg.age_head}-{params.preprocess.image_size}px-data{version[:8]}"
@@ -190,10 +190,9 @@ def evaluate_command(params_file: Path = PARAMS) -> None:
 
     from agegender.evaluation import evaluate_candidate, log_evaluation
     from agegender.registry import champion, champion_uri
-    from agegender.tracking import configure_tracking
 
     params = params_or_exit(params_file)
-    configure_tracking(Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI"))
+    use_project_store()
     name = params.registry.model_name
     current = champion(mlflow.MlflowClient(), name)
     out_dir = ARTIFACTS / "eval"
@@ -228,10 +227,9 @@ def register_command(params_file: Path = PARAMS) -> None:
     import mlflow
 
     from agegender.registry import register_candidate
-    from agegender.tracking import configure_tracking
 
     params = params_or_exit(params_file)
-    configure_tracking(Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI"))
+    use_project_store()
     decision = json.loads((ARTIFACTS / "eval" / "gate.json").read_text())
     card = json.loads((ARTIFACTS / "model" / "card.json").read_text())
     metrics = json.loads((ARTIFACTS / "eval" / "metrics.json").read_text())
@@ -258,10 +256,8 @@ def register_command(params_file: Path = PARAMS) -> None:
 def registry_client(params_file: Path):
     import mlflow
 
-    from agegender.tracking import configure_tracking
-
     params = params_or_exit(params_file)
-    configure_tracking(Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI"))
+    use_project_store()
     return mlflow.MlflowClient(), params.registry.model_name
 
 
@@ -320,13 +316,12 @@ MODEL = typer.Option(
 def load_predictor(model: str | None, params: Params):
     """The one Predictor, from the registry (MLFLOW_TRACKING_URI or the project store) or a model folder."""
     from agegender.inference import Predictor
-    from agegender.tracking import configure_tracking
 
     model = model or params.serve.model_uri
     console.print(f"Loading model {model}")
     try:
         if model.startswith("models:/"):
-            configure_tracking(Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI"))
+            use_project_store()
             return Predictor.from_registry(model)
         return Predictor.from_path(Path(model))
     except Exception as err:  # MLflow raises many types; every one means "no usable model here"
@@ -374,8 +369,8 @@ def predict_command(
         try:
             image = decode_image(
                 path.read_bytes(),
-                max_bytes=int(params.serve.max_upload_mb * 2**20),
-                max_pixels=int(params.serve.max_megapixels * 1e6),
+                max_bytes=params.serve.max_upload_bytes,
+                max_pixels=params.serve.max_pixels,
             )
         except ImageError as err:
             console.print(f"[red]{path}: {err}[/]")
@@ -454,16 +449,22 @@ def eval_dir_command(
 def registry_to_bentoml_command(model: str | None = MODEL, params_file: Path = PARAMS) -> None:
     """Copy a registered model into the BentoML model store, so `bentoml build` can pack it into a Bento."""
     from agegender.inference import import_to_bentoml
-    from agegender.tracking import configure_tracking
 
     params = params_or_exit(params_file)
     model = model or params.serve.model_uri
-    configure_tracking(Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI"))
+    use_project_store()
     try:
         tag = import_to_bentoml(model)
     except Exception as err:  # MLflow raises many types; every one means "no such model"
         raise fail(f"cannot import {model}: {err}") from None
     console.print(f"{model} is now {tag} in the BentoML model store (bentoml models list)")
+
+
+def use_project_store() -> str:
+    """Point MLflow at MLFLOW_TRACKING_URI, or else the project's own store; returns the URI."""
+    from agegender.tracking import configure_tracking
+
+    return configure_tracking(Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI"))
 
 
 def params_hash(params: Params) -> str:

@@ -139,6 +139,14 @@ class ServeParams(Section):
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per adaptive batch of the model service")
     max_latency_ms: int = Field(5000, ge=1, description="queued longer than this: 503, load shed")
 
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+    @property
+    def max_pixels(self) -> int:
+        return int(self.max_megapixels * 1e6)
+
 
 class Params(Section):
     data: DataParams = DataParams()

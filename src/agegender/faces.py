@@ -8,7 +8,7 @@ Typical use::
 
     image = to_bgr(raw)                                   # any gray/BGRA/16-bit image -> BGR uint8
     box, used_fallback = detect_or_fallback(detector, image)
-    face = crop_face(image, box, margin=0.4, size=128)   # (128, 128, 3) uint8 BGR
+    face = crop_face(image, box, margin=0.0, size=64)     # (64, 64, 3) uint8 BGR
 
 Detector choice and constants were measured with ``benchmarks/detectors.py``
 (results in ``benchmarks/results/detectors.json``).
@@ -36,12 +36,12 @@ RelBox = tuple[float, float, float]
 
 # Mean face box on UTKFace chips (200x200), per detector with its default settings. Measured by
 # benchmarks/detectors.py ("mean_rel_box" in results/detectors.json) on 1000 randomly drawn
-# chips of utkface-part1 (seed 0), over the chips where the detector found a face (Haar 97.0%,
-# MTCNN 99.9%), using the top box, clipped to the chip, with side = max(w, h) as crop_face
-# uses. Std devs: Haar (0.017, 0.022, 0.060), MTCNN (0.052, 0.016, 0.032). Boxes nearly fill
-# the chip, so with any margin >= ~0.05 a fallback crop is simply the whole chip.
-HAAR_CHIP_BOX: RelBox = (0.500, 0.468, 0.981)
-MTCNN_CHIP_BOX: RelBox = (0.486, 0.484, 0.968)
+# chips of utkface-part1 (seed 0), over the chips where the detector found a face (Haar 96.8%,
+# MTCNN 99.9%), using the top box, not clipped to the chip, with side = max(w, h) as
+# crop_face uses. Std devs: Haar (0.024, 0.018, 0.097), MTCNN (0.053, 0.026, 0.056). The boxes
+# stick out of the chip, mostly at the top (the forehead and hair the chip cut off).
+HAAR_CHIP_BOX: RelBox = (0.497, 0.421, 1.027)
+MTCNN_CHIP_BOX: RelBox = (0.483, 0.429, 1.081)
 
 DETECTOR_NAMES = ("haar", "mtcnn")
 
@@ -118,12 +118,15 @@ def crop_face(image_bgr: np.ndarray, box: Box, *, margin: float, size: int) -> n
     The exact rule:
 
     1. side = max(box.w, box.h) * (1 + 2 * margin), i.e. ``margin`` times the box side is added
-       on each side; the square is centred on the box centre.
-    2. If side exceeds the image's shorter side, it is shrunk to the shorter side.
-       side is then rounded half up to whole pixels (at least 1).
-    3. If the square sticks out of the image, it is shifted (not shrunk) until it lies inside,
-       so the crop is always real pixels, never padding, and never changes its aspect ratio.
-    4. The square is resized with INTER_AREA when shrinking, INTER_LINEAR when enlarging.
+       on each side, rounded half up to whole pixels (at least 1); the square is centred on the
+       box centre.
+    2. Where the square sticks out of the image, the missing pixels repeat the nearest edge
+       pixel (``cv2.BORDER_REPLICATE``). The square is never shrunk or shifted: a face's scale
+       and place in its crop do not depend on where it sits in the frame. That keeps training
+       and serving alike: on a face chip the face's box sticks out of the chip, while the same
+       face in a photo has real pixels around it; clamping the square to the chip instead
+       moved and shrank the training crops against the serving ones.
+    3. The square is resized with INTER_AREA when shrinking, INTER_LINEAR when enlarging.
 
     The input goes through :func:`to_bgr` first, so grayscale, BGRA and 16-bit images work.
     """
@@ -133,14 +136,24 @@ def crop_face(image_bgr: np.ndarray, box: Box, *, margin: float, size: int) -> n
         raise ValueError(f"size must be >= 1, got {size}")
     img = to_bgr(image_bgr)
     height, width = img.shape[:2]
-    side_f = min(max(box.w, box.h) * (1.0 + 2.0 * margin), min(height, width))
-    side = max(1, _round(side_f))
-    cx, cy = box.x + box.w / 2.0, box.y + box.h / 2.0
-    x0 = min(max(_round(cx - side / 2.0), 0), width - side)
-    y0 = min(max(_round(cy - side / 2.0), 0), height - side)
-    square = img[y0 : y0 + side, x0 : x0 + side]
+    if box.x >= width or box.y >= height or box.x + box.w <= 0 or box.y + box.h <= 0:
+        raise ValueError(f"{box} lies outside the {width}x{height} image")
+    side = max(1, _round(max(box.w, box.h) * (1.0 + 2.0 * margin)))
+    x0 = _round(box.x + box.w / 2.0 - side / 2.0)
+    y0 = _round(box.y + box.h / 2.0 - side / 2.0)
+    # The part of the square inside the image (never empty: the square holds the box), grown
+    # back to the square by edge replication.
+    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x0 + side, width), min(y0 + side, height)
+    square = cv2.copyMakeBorder(
+        img[iy0:iy1, ix0:ix1],
+        iy0 - y0,
+        y0 + side - iy1,
+        ix0 - x0,
+        x0 + side - ix1,
+        cv2.BORDER_REPLICATE,
+    )
     if side == size:
-        return square.copy()  # a copy, so callers never alias the source image
+        return square  # copyMakeBorder made a copy: callers never alias the source image
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
     return cv2.resize(square, (size, size), interpolation=interpolation)
 
@@ -152,15 +165,14 @@ def fallback_box(shape: tuple[int, ...], rel: RelBox = MTCNN_CHIP_BOX) -> Box:
     """The box assumed when no face is found on an image that already is a face chip.
 
     A square of side ``rel[2]`` x shorter image side centred at (``rel[0]`` x width,
-    ``rel[1]`` x height), shifted inside the image if needed; score 0.0 marks it as a guess.
-    The default is the mean MTCNN box on UTKFace chips; :func:`detect_or_fallback` uses the
-    constant measured for the detector in use, so a fallback crop matches that detector's crops.
+    ``rel[1]`` x height); like a detected box it may stick out of the image. Score 0.0 marks it
+    as a guess. The default is the mean MTCNN box on UTKFace chips; :func:`detect_or_fallback`
+    uses the constant measured for the detector in use, so a fallback crop matches that
+    detector's crops.
     """
     height, width = int(shape[0]), int(shape[1])
-    side = min(max(1, _round(rel[2] * min(height, width))), height, width)
-    x = min(max(_round(rel[0] * width - side / 2.0), 0), width - side)
-    y = min(max(_round(rel[1] * height - side / 2.0), 0), height - side)
-    return Box(x, y, side, side, 0.0)
+    side = max(1, _round(rel[2] * min(height, width)))
+    return Box(_round(rel[0] * width - side / 2.0), _round(rel[1] * height - side / 2.0), side, side, 0.0)
 
 
 def detect_or_fallback(detector: Detector, image: np.ndarray) -> tuple[Box, bool]:
@@ -182,10 +194,13 @@ def detect_or_fallback(detector: Detector, image: np.ndarray) -> tuple[Box, bool
 def _prepare(image: np.ndarray, max_side: int, pad: float) -> tuple[np.ndarray, float, int]:
     """Return (BGR copy to detect on, scale applied, border width in pixels).
 
-    The copy is downscaled so its longer side is <= max_side, then given a replicated border of
+    The copy is downscaled so its longer side is <= max_side, then given a mid-grey border of
     ``pad`` x its longer side. The border matters on face chips: a face that fills the frame
     leaves the detectors' sliding windows no room, and Haar then missed half of the UTKFace
-    chips (hit rate 0.52 -> 0.97 with pad 0.25; MTCNN 0.989 -> 0.999).
+    chips (hit rate 0.52 -> 0.97 with pad 0.25; MTCNN 0.989 -> 0.999). Grey, not replicated
+    edges: MTCNN reads replicated hair and chin streaks as part of the face and drew its box on
+    a chip 8% taller than on the same face pasted into a scene (crop squares of chip and scene
+    agreed with IoU 0.84; with grey 0.92, the hit rates unchanged).
     """
     height, width = image.shape[:2]
     scale = min(1.0, max_side / max(height, width))
@@ -194,23 +209,24 @@ def _prepare(image: np.ndarray, max_side: int, pad: float) -> tuple[np.ndarray, 
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     p = _round(pad * max(image.shape[:2]))
     if p:
-        image = cv2.copyMakeBorder(image, p, p, p, p, cv2.BORDER_REPLICATE)
+        image = cv2.copyMakeBorder(image, p, p, p, p, cv2.BORDER_CONSTANT, value=(127, 127, 127))
     return image, scale, p
 
 
 def _boxes(found: list[tuple], scale: float, p: int, shape: tuple[int, ...]) -> list[Box]:
     """Map (x, y, w, h, score) found on the prepared copy back to the original image.
 
-    Boxes are clipped to the image (a face cut by the border keeps only its visible part), and
-    sorted best first: by score, then by area.
+    A box keeps its full extent even where it sticks out of the image (a face cut by the
+    border, or a face chip whose face fills the frame), so that crop_face sees the same face
+    geometry wherever the face is; boxes found wholly in the border are dropped. Sorted best
+    first: by score, then by area.
     """
     height, width = shape[:2]
     out = []
     for x, y, w, h, score in found:
-        x0, y0 = max(0, _round((x - p) / scale)), max(0, _round((y - p) / scale))
-        x1 = min(width, _round((x - p + w) / scale))
-        y1 = min(height, _round((y - p + h) / scale))
-        if x1 - x0 >= 1 and y1 - y0 >= 1:
+        x0, y0 = _round((x - p) / scale), _round((y - p) / scale)
+        x1, y1 = _round((x - p + w) / scale), _round((y - p + h) / scale)
+        if x1 > max(x0, 0) and y1 > max(y0, 0) and x0 < width and y0 < height:
             out.append(Box(x0, y0, x1 - x0, y1 - y0, float(score)))
     return sorted(out, key=lambda b: (b.score, b.w * b.h), reverse=True)
 

@@ -133,9 +133,8 @@ class Predictor:
         import mlflow
 
         name, version = resolve_version(uri)
-        spec_path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="outputs/spec.json")
         model = mlflow.tensorflow.load_model(f"models:/{name}/{version.version}")
-        spec = load_spec(Path(spec_path))
+        spec = registered_spec(version)
         return cls(
             model, spec, ModelInfo(name=name, version=str(version.version), data_version=spec.data_version, uri=uri)
         )
@@ -239,17 +238,23 @@ class Predictor:
 def import_to_bentoml(uri: str, name: str = "agegender") -> str:
     """Copy a registered model (and its crop spec) into the BentoML model store; returns its tag."""
     import bentoml
-    import mlflow
 
     model_name, version = resolve_version(uri)
-    spec_path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="outputs/spec.json")
     stored = bentoml.mlflow.import_model(
         name,
         f"models:/{model_name}/{version.version}",
         labels={"registered_model": model_name, "version": str(version.version)},
-        metadata={"spec": json.loads(Path(spec_path).read_text()), "source": uri},
+        metadata={"spec": registered_spec(version).model_dump(mode="json"), "source": uri},
     )
     return str(stored.tag)
+
+
+def registered_spec(version) -> ModelSpec:
+    """The crop and label spec that the training run of a registered model version logged."""
+    import mlflow
+
+    path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="outputs/spec.json")
+    return load_spec(Path(path))
 
 
 def face_result(box, age: float, female: float) -> dict:

@@ -33,8 +33,8 @@ def put_label(image, text, corner, colour, scale, thickness, below: bool = False
     """Text on a filled box above the corner (inside the image when there is no room above)."""
     font = cv2.FONT_HERSHEY_SIMPLEX
     (tw, th), baseline = cv2.getTextSize(text, font, scale, thickness)
-    x, y = corner
-    top = y if below or y - th - baseline - 4 < 0 else y - th - baseline - 4
+    x, y = max(corner[0], 0), corner[1]  # a box may stick out of the image; its label may not
+    top = max(y, 0) if below or y - th - baseline - 4 < 0 else y - th - baseline - 4
     cv2.rectangle(image, (x, top), (x + tw + 4, top + th + baseline + 4), colour, cv2.FILLED)
     cv2.putText(image, text, (x + 2, top + th + 2), font, scale, (255, 255, 255), thickness, cv2.LINE_AA)
 

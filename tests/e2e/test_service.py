@@ -28,6 +28,7 @@ from PIL import Image
 
 from tests.conftest import (
     BIN,
+    OPEN_GATES,
     PROJECT,
     answers_ok,
     copy_utk_subset,
@@ -48,7 +49,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TINY = {
     "preprocess": {"image_size": 32},
     "train": {"width": 8, "epochs": 3, "batch_size": 32, "warmup_epochs": 0, "patience": 3},
-    "gates": {"max_age_mae": 100.0, "min_gender_accuracy": 0.0, "max_group_gap": 100.0},
+    "gates": OPEN_GATES,
     "serve": {"reload_seconds": 2, "max_upload_mb": 2, "max_megapixels": 4},
 }
 
