@@ -6,7 +6,12 @@ PYTHON := $(shell command -v python3)
 UV := $(PYTHON) -m uv
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test lint bench bento serve clean
+.PHONY: run test lint bench bento serve clean system-deps
+
+# Debian packages the tests use: headless Chromium for the demo page, PostgreSQL for the team
+# stack, iproute2 for the network-namespace hosts. Installed only when a command is missing.
+DEBIAN_PACKAGES := chromium chromium-driver postgresql iproute2
+DEBIAN_COMMANDS := chromium chromedriver /usr/lib/postgresql/15/bin/initdb ip
 
 $(VENV)/.synced: pyproject.toml uv.lock
 	$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -16,7 +21,15 @@ $(VENV)/.synced: pyproject.toml uv.lock
 run: $(VENV)/.synced
 	python -m flows.training
 
-test: $(VENV)/.synced
+system-deps:
+	@missing=0; for c in $(DEBIAN_COMMANDS); do command -v $$c >/dev/null || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+	  echo "Installing Debian packages for the tests: $(DEBIAN_PACKAGES)"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $(DEBIAN_PACKAGES); \
+	fi
+
+test: $(VENV)/.synced system-deps
 	pytest
 
 serve: $(VENV)/.synced
@@ -30,6 +43,7 @@ bento: $(VENV)/.synced
 
 lint: $(VENV)/.synced
 	ruff check src tests flows service benchmarks
+	ruff format --check src tests flows service benchmarks
 
 bench: $(VENV)/.synced
 	python benchmarks/data_pipeline.py
