@@ -1,8 +1,16 @@
-"""Age buckets, shared by validation (every bucket present) and the split (stratification)."""
+"""Label conventions shared by training, evaluation and serving.
+
+Age buckets (validation checks every bucket is present, the split stratifies by them),
+the probability at which a face counts as female, and the age from which gender
+accuracy is also reported on its own (gender is hard to see in young children).
+"""
 
 from __future__ import annotations
 
 import numpy as np
+
+GENDER_THRESHOLD = 0.5  # gender 1 is female; the model outputs the probability of female
+ADULT_AGE = 18
 
 
 def age_bucket_names(edges: list[int]) -> list[str]:
