@@ -19,7 +19,7 @@ $(VENV)/.synced: pyproject.toml uv.lock
 	touch $@
 
 run: $(VENV)/.synced
-	python -m flows.training
+	agegender flow run
 
 system-deps:
 	@missing=0; for c in $(DEBIAN_COMMANDS); do command -v $$c >/dev/null || missing=1; done; \
@@ -42,8 +42,8 @@ bento: $(VENV)/.synced
 	bentoml build -f service/bentofile.yaml .
 
 lint: $(VENV)/.synced
-	ruff check src tests flows service benchmarks
-	ruff format --check src tests flows service benchmarks
+	ruff check src tests service benchmarks
+	ruff format --check src tests service benchmarks
 
 bench: $(VENV)/.synced
 	python benchmarks/data_pipeline.py

@@ -23,6 +23,8 @@ registry_app = typer.Typer(
     help="The registered model in the MLflow model registry: versions and aliases.", no_args_is_help=True
 )
 app.add_typer(registry_app, name="registry")
+flow_app = typer.Typer(help="The Prefect training flow: run it once, or serve it on a schedule.", no_args_is_help=True)
+app.add_typer(flow_app, name="flow")
 console = Console(stderr=True, soft_wrap=True)  # no hard wraps: messages stay greppable in logs
 
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="Parameters file.")
@@ -458,6 +460,53 @@ def registry_to_bentoml_command(model: str | None = MODEL, params_file: Path = P
     except Exception as err:  # MLflow raises many types; every one means "no such model"
         raise fail(f"cannot import {model}: {err}") from None
     console.print(f"{model} is now {tag} in the BentoML model store (bentoml models list)")
+
+
+@flow_app.command("run")
+def flow_run_command(
+    only_if_data_changed: bool = typer.Option(
+        False, "--only-if-data-changed", help="What a scheduled run does: skip when data.dvc is the champion's data."
+    ),
+) -> None:
+    """Fetch the data and run every dvc.yaml stage as a Prefect flow (DVC skips what did not change)."""
+    from agegender.flow import training_flow
+
+    console.print("Running the training flow (without PREFECT_API_URL Prefect starts a temporary server)")
+    state = training_flow(project_root=str(Path.cwd()), force=not only_if_data_changed, return_state=True)
+    console.print(state.message)
+    if not state.is_completed():
+        raise typer.Exit(code=1)
+
+
+@flow_app.command("serve")
+def flow_serve_command(params_file: Path = PARAMS) -> None:
+    """Serve the flow as deployment agegender-training/retrain on schedule.cron, against PREFECT_API_URL."""
+    import urllib.request
+
+    from prefect.settings import PREFECT_API_URL
+
+    from agegender.flow import DEPLOYMENT, FLOW_NAME, serve_deployment
+
+    params = params_or_exit(params_file)
+    api = PREFECT_API_URL.value()
+    if not api:
+        raise fail(
+            "PREFECT_API_URL is not set; schedules do not fire on Prefect's temporary server. Start one with "
+            "`prefect server start` and `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`."
+        )
+    try:
+        urllib.request.urlopen(f"{api.rstrip('/')}/health", timeout=10).close()
+    except OSError as err:
+        raise fail(
+            f"the Prefect API at PREFECT_API_URL={api} does not answer ({err}); start `prefect server start`"
+        ) from None
+    schedule = params.schedule
+    console.print(
+        f"Serving deployment '{FLOW_NAME}/{DEPLOYMENT}' against the Prefect API at {api}; cron "
+        f"'{schedule.cron}' ({schedule.timezone}): a scheduled run retrains only when data.dvc's data version "
+        "differs from the champion's. Stop with Ctrl-C."
+    )
+    serve_deployment(Path.cwd(), name=DEPLOYMENT, cron=schedule.cron, timezone=schedule.timezone)
 
 
 def use_project_store() -> str:

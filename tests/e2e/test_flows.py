@@ -1,12 +1,10 @@
 """The Prefect training flow end to end, on real UTKFace images with a tiny model.
 
-1. The flow in-process under Prefect's test harness: it ingests data.source, runs the
-   dvc.yaml stages, publishes its report artifact, and a second run on unchanged data
-   trains nothing.
-2. The scheduled deployment served by `python -m flows.retrain` against a real
-   `prefect server` process: it carries params.yaml's cron schedule; triggering it
-   trains, then (once a champion exists) skips on unchanged data, and retrains after
-   an `agegender data ingest --append` batch.
+The scheduled deployment served by `agegender flow serve` against a real `prefect server`
+process carries params.yaml's cron schedule. Triggering it without a dataset ingests
+data.source and trains; once a champion exists it skips unchanged data; an
+`agegender data ingest --append` batch makes it retrain. (The registry's promote, reject
+and rollback scenario runs once, in tests/e2e/test_pipeline.py.)
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,6 @@ import yaml
 from tests.conftest import (
     BIN,
     OPEN_GATES,
-    PROJECT,
     answers_ok,
     free_port,
     run,
@@ -47,10 +43,6 @@ DEPLOYMENT = "agegender-training/retrain"
 RUN_TIMEOUT = 1500  # s for one triggered flow run (training included) on a slow shared machine
 
 
-def has_stage(repo: Path, name: str) -> bool:
-    return name in (yaml.safe_load((repo / "dvc.yaml").read_text()).get("stages") or {})
-
-
 def data_version(repo: Path) -> str:
     return yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"].removesuffix(".dir")
 
@@ -67,98 +59,16 @@ def training_runs(repo: Path) -> list[dict]:
     return [{"run_id": r.info.run_id, "data_version": r.data.tags.get("data_version")} for r in runs]
 
 
-def report_for(flow_run_id) -> str:
-    """The markdown report artifact that one flow run published (from the current Prefect API)."""
-    from flows.training import REPORT_KEY
+def artifacts_of(flow_run_id) -> dict[str, object]:
+    """The artifacts one flow run published, by key (from the current Prefect API)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        ArtifactFilterKey,
-    )
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=[REPORT_KEY]),
-                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
-            )
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
-    assert len(artifacts) == 1, f"expected one {REPORT_KEY!r} artifact, got {artifacts}"
-    assert artifacts[0].type == "markdown"
-    return artifacts[0].data
-
-
-def test_flow_trains_skips_unchanged_data_and_never_promotes_a_worse_model(project_repo, utk_subset):
-    from flows.training import training_flow
-    from prefect.testing.utilities import prefect_test_harness
-
-    # No data.dvc yet: the fetch task must fall back to ingesting data.source.
-    set_params(project_repo, {**TINY, "data": {"source": str(utk_subset)}})
-    stages = yaml.safe_load((project_repo / "dvc.yaml").read_text())["stages"]
-
-    with prefect_test_harness(server_startup_timeout=240):
-        first = training_flow(project_root=str(project_repo), return_state=True)
-        assert first.is_completed(), first.message
-        summary = first.result()
-        assert summary["fetched"] == f"ingest {utk_subset}"
-        assert summary["retrain"] and summary["status"] == "trained"
-        assert summary["stages"] == list(stages)
-        assert summary["ran"] == list(stages), "every stage runs on new data, in dvc.yaml order"
-        assert summary["unchanged"] == [] and summary["cached"] == []
-        assert (project_repo / "data.dvc").exists() and summary["data_version"] == data_version(project_repo)
-
-        report = report_for(first.state_details.flow_run_id)
-        candidates = json.loads((project_repo / "artifacts/model/candidates.json").read_text())
-        assert "## Candidates" in report and "## Gate" in report
-        for candidate in candidates:  # sqlite store: run ids, not links
-            assert f"`{candidate['run_id']}`" in report
-        if (project_repo / "artifacts/eval/gate.json").exists():
-            assert summary["gate"] is not None and "**Decision:" in report
-        if has_stage(project_repo, "register"):
-            assert "## Registry" in report and "champion now" in report
-
-        lock = (project_repo / "dvc.lock").read_text()
-        runs = training_runs(project_repo)
-        assert len(runs) == 1 and runs[0]["data_version"] == summary["data_version"]
-
-        second = training_flow(project_root=str(project_repo), return_state=True)
-        assert second.is_completed(), second.message
-        again = second.result()
-        assert again["fetched"] == "dvc pull"
-        assert "train" not in again["ran"] + again["cached"]
-        if has_stage(project_repo, "register"):
-            # The first run registered a champion trained on this very data version.
-            assert second.name == "Skipped" and again["status"] == "skipped", second.message
-            assert again["champion"]["data_version"] == summary["data_version"]
-            assert again["ran"] == [] and again["stages"] == []
-            assert "# agegender training: skipped" in report_for(second.state_details.flow_run_id)
-        else:
-            # No registry stage yet, so no champion to compare with: DVC skips every stage.
-            assert again["status"] == "up to date" and again["ran"] == [], again
-            assert "train" in again["unchanged"]
-        assert (project_repo / "dvc.lock").read_text() == lock
-        assert len(training_runs(project_repo)) == 1, "no second training run in MLflow"
-
-        # A deliberately worse candidate (one epoch, tiny learning rate), forced: it trains and
-        # registers, is scored against the champion on the same test split, and is not promoted.
-        set_params(project_repo, {"train": {"epochs": 1, "learning_rate": 0.0001}, "gates": {"min_improvement": 0.5}})
-        third = training_flow(project_root=str(project_repo), force=True, return_state=True)
-        assert third.is_completed(), third.message
-        worse = third.result()
-        assert "train" in worse["ran"] and worse["gate"]["full_pass"] is False
-        assert champion_version(project_repo) == "1"
-    run("agegender", "registry", "promote", "2", cwd=project_repo)
-    assert champion_version(project_repo) == "2"
-    run("agegender", "registry", "rollback", cwd=project_repo)
-    assert champion_version(project_repo) == "1"
-
-
-def champion_version(repo: Path) -> str:
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    return str(client.get_model_version_by_alias("agegender", "champion").version)
+    return {artifact.key: artifact for artifact in found}
 
 
 # ---------------------------------------------------------------- real server
@@ -190,12 +100,10 @@ def trigger(log: Path):
 def test_scheduled_deployment_retrains_only_when_the_data_changes(project_repo, utk_subset, tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    set_params(project_repo, TINY)
-    # The project layout: `python -m flows.retrain` runs from the project root.
-    (project_repo / "flows").symlink_to(PROJECT / "flows")
-    run("agegender", "data", "ingest", str(utk_subset), cwd=project_repo)
+    # No data.dvc yet: the flow's fetch task falls back to ingesting data.source.
+    set_params(project_repo, {**TINY, "data": {"source": str(utk_subset)}})
+    stages = list(yaml.safe_load((project_repo / "dvc.yaml").read_text())["stages"])
     schedule = yaml.safe_load((project_repo / "params.yaml").read_text())["schedule"]
-    registers = has_stage(project_repo, "register")
 
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -211,16 +119,7 @@ def test_scheduled_deployment_retrains_only_when_the_data_changes(project_repo, 
     processes: list[subprocess.Popen] = []
     try:
         server = start(
-            [
-                str(BIN / "prefect"),
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-ui",
-            ],
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
             cwd=tmp_path,
             env=env,
             log=server_log,
@@ -229,45 +128,43 @@ def test_scheduled_deployment_retrains_only_when_the_data_changes(project_repo, 
         wait_until(
             lambda: answers_ok(f"{api}/health"), what="prefect server", seconds=240, process=server, log=server_log
         )
-
-        serve = start([sys.executable, "-m", "flows.retrain"], cwd=project_repo, env=env, log=serve_log)
+        serve = start([str(BIN / "agegender"), "flow", "serve"], cwd=project_repo, env=env, log=serve_log)
         processes.append(serve)
         with temporary_settings(updates={PREFECT_API_URL: api}):
             deployment = wait_until(
-                lambda: deployment_named(DEPLOYMENT),
-                what="the deployment",
-                seconds=240,
-                process=serve,
-                log=serve_log,
+                lambda: deployment_named(DEPLOYMENT), what="the deployment", seconds=240, process=serve, log=serve_log
             )
             assert f"against the Prefect API at {api}" in serve_log.read_text()
             (entry,) = deployment.schedules
-            assert entry.schedule.cron == schedule["cron"]
-            assert entry.schedule.timezone == schedule["timezone"]
+            assert (entry.schedule.cron, entry.schedule.timezone) == (schedule["cron"], schedule["timezone"])
             assert entry.active
-            assert deployment.parameters == {
-                "project_root": str(project_repo.resolve()),
-                "force": False,
-            }
+            assert deployment.parameters == {"project_root": str(project_repo.resolve()), "force": False}
 
-            # No champion yet: the run trains.
+            # No champion yet: the run ingests data.source, runs every stage in order and reports.
             first = trigger(serve_log)
-            assert first.state.message.startswith("trained"), first.state.message
-            assert "## Candidates" in report_for(first.id)
+            assert first.state.message.startswith(f"trained: DVC ran {', '.join(stages)}"), first.state.message
             version = data_version(project_repo)
             assert [r["data_version"] for r in training_runs(project_repo)] == [version]
+            published = artifacts_of(first.id)
+            report = published["agegender-training-report"].data
+            candidates = json.loads((project_repo / "artifacts/model/candidates.json").read_text())
+            assert all(c["run_id"] in report for c in candidates)
+            assert "## Gate" in report and "**Decision: " in report and "champion now: version 1" in report
+            assert {"agegender-candidates", "agegender-gate"} <= set(published)
+            assert f"ingest {utk_subset}" in report
+            lines = [log.message for log in run_logs(first.id)]
+            assert any("Running stage 'train'" in line for line in lines), "stage output in the run logs"
 
-            if registers:
-                # The champion was trained on this data version: nothing to do.
-                lock = (project_repo / "dvc.lock").read_text()
-                second = trigger(serve_log)
-                assert second.state.name == "Skipped", second.state.message
-                assert f"data version {version} is the champion's" in second.state.message
-                assert "skipped" in report_for(second.id)
-                assert (project_repo / "dvc.lock").read_text() == lock
-                assert len(training_runs(project_repo)) == 1
+            # The champion was trained on this data version: nothing runs.
+            lock = (project_repo / "dvc.lock").read_text()
+            second = trigger(serve_log)
+            assert second.state.name == "Skipped", second.state.message
+            assert f"data version {version} is the champion's" in second.state.message
+            assert "# agegender training: skipped" in artifacts_of(second.id)["agegender-training-report"].data
+            assert (project_repo / "dvc.lock").read_text() == lock
+            assert len(training_runs(project_repo)) == 1
 
-            # A new batch of images changes the data version: the run retrains.
+            # A new batch of images changes the data version: the run retrains; DVC skips nothing it needs.
             batch = tmp_path / "batch"
             batch.mkdir()
             for path in utkface_files(40, offset=1):
@@ -283,3 +180,11 @@ def test_scheduled_deployment_retrains_only_when_the_data_changes(project_repo, 
     finally:
         for process in reversed(processes):  # the runner first: it pauses its schedule
             stop(process)
+
+
+def run_logs(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)
