@@ -33,10 +33,12 @@ registration that another process has in flight.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities.logged_model import LoggedModel
@@ -44,6 +46,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.entities.model_registry.model_version_status import ModelVersionStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+from agegender import paths
+from agegender.config import Params
+from agegender.files import write_json
+from agegender.tracking import configure_tracking
 
 DEFAULT_MODEL_NAME = "agegender"
 CHAMPION = "champion"
@@ -97,15 +104,99 @@ class RegistrationResult:
         return {**asdict(self), "summary": self.summary}
 
 
+@dataclass(frozen=True)
+class ChampionInfo:
+    """The champion and the data version it was trained on (None if neither the version nor its run says)."""
+
+    version: int
+    run_id: str | None
+    data_version: str | None
+
+
 def champion_uri(model_name: str = DEFAULT_MODEL_NAME) -> str:
     """The URI that always loads the current champion."""
     return f"models:/{model_name}@{CHAMPION}"
 
 
+def find_version(client: MlflowClient, model_uri: str) -> ModelVersion | None:
+    """The version models:/NAME@ALIAS or models:/NAME/VERSION names; None if that model, alias or version is missing."""
+    if not model_uri.startswith("models:/"):
+        raise RegistryError(f"{model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    ref = model_uri.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        number = _aliases(client, name).get(alias)
+        if number is None:
+            return None
+    else:
+        name, _, number = ref.rpartition("/")
+        if not name or not number.isdigit():
+            raise RegistryError(f"{model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    try:
+        return client.get_model_version(name, str(number))
+    except MlflowException as err:
+        if _is_missing(err):
+            return None
+        raise
+
+
+def resolve_version(client: MlflowClient, model_uri: str) -> ModelVersion:
+    """Like `find_version`, but a missing version is a RegistryError that names the URI."""
+    version = find_version(client, model_uri)
+    if version is None:
+        raise RegistryError(f"{model_uri}: no such model version in the registry")
+    return version
+
+
 def champion(client: MlflowClient, model_name: str = DEFAULT_MODEL_NAME) -> ModelVersion | None:
     """The version the champion alias points at; None without a registered model or champion."""
-    version = _aliases(client, model_name).get(CHAMPION)
-    return None if version is None else client.get_model_version(model_name, str(version))
+    return find_version(client, champion_uri(model_name))
+
+
+def champion_info(client: MlflowClient, model_name: str = DEFAULT_MODEL_NAME) -> ChampionInfo | None:
+    """The champion with its data version; None when there is no champion."""
+    version = champion(client, model_name)
+    if version is None:
+        return None
+    data = (version.tags or {}).get("data_version")
+    if not data and version.run_id:  # versions registered without the tag: the training run has it
+        data = client.get_run(version.run_id).data.tags.get("data_version")
+    return ChampionInfo(version=int(version.version), run_id=version.run_id, data_version=data)
+
+
+def run_register_stage(root: Path, params: Params, *, tracking_uri: str | None) -> RegistrationResult:
+    """The register stage: register the evaluated winner with its provenance, move aliases, write registration.json.
+
+    Reads the gate decision and test metrics from artifacts/eval and the model card from
+    artifacts/model. `tracking_uri` is the store the model was logged in (None: the
+    project's own, see `tracking.configure_tracking`).
+    """
+    configure_tracking(root, tracking_uri)
+    client = MlflowClient()
+    decision = json.loads((root / paths.EVAL / paths.GATE).read_text())
+    metrics = json.loads((root / paths.EVAL / paths.TEST_METRICS).read_text())
+    card = json.loads((root / paths.MODEL / paths.MODEL_CARD).read_text())
+    run_id = card["mlflow_run_id"]
+    result = register_candidate(
+        client,
+        model_name=params.registry.model_name,
+        model_uri=f"runs:/{run_id}/model",
+        run_id=run_id,
+        tags={
+            "data_version": card["data_version"],
+            "git_commit": client.get_run(run_id).data.tags.get("git_commit", "unknown"),
+            "params_hash": hash_params(params),
+            **{f"{METRIC_PREFIX}{k}": str(v) for k, v in metrics.items() if isinstance(v, int | float)},
+        },
+        decision=decision,
+    )
+    write_json(root / paths.REGISTRY / paths.REGISTRATION, result.as_dict())
+    return result
+
+
+def hash_params(params: Params) -> str:
+    """A short hash of every parameter, tagged on each version to tell runs with equal params."""
+    return hashlib.sha256(params.model_dump_json(by_alias=True).encode()).hexdigest()[:12]
 
 
 def register_candidate(
