@@ -20,8 +20,10 @@ import math
 import os
 import threading
 import warnings
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import cv2
 import numpy as np
@@ -44,6 +46,9 @@ HAAR_CHIP_BOX: RelBox = (0.497, 0.421, 1.027)
 MTCNN_CHIP_BOX: RelBox = (0.483, 0.429, 1.081)
 
 DETECTOR_NAMES = ("haar", "mtcnn")
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,17 @@ def detect_or_fallback(detector: Detector, image: np.ndarray) -> tuple[Box, bool
     if boxes:
         return boxes[0], False
     return fallback_box(img.shape, getattr(detector, "chip_box", MTCNN_CHIP_BOX)), True
+
+
+def crop_chip(detector: Detector, image: np.ndarray, *, margin: float, size: int) -> tuple[np.ndarray, bool]:
+    """The crop of a face chip, as preprocessing makes the training data; True when it fell back.
+
+    The one rule for chips, so evaluation and `Predictor.predict_chips` crop the test
+    images exactly as the training crops were made.
+    """
+    img = to_bgr(image)
+    box, used_fallback = detect_or_fallback(detector, img)
+    return crop_face(img, box, margin=margin, size=size), used_fallback
 
 
 # --------------------------------------------------------------------------- detectors
@@ -334,3 +350,35 @@ def make_detector(name: str, **kwargs: object) -> Detector:
         allowed = ", ".join(repr(n) for n in DETECTOR_NAMES)
         raise ValueError(f"unknown face detector {name!r}; allowed: {allowed}") from None
     return cls(**kwargs)
+
+
+class DetectorPool:
+    """Threads that each own a detector of one kind.
+
+    Detection dominates the cost of an image and OpenCV frees the GIL, so images are
+    detected in parallel; each thread gets its own detector because one detector serves
+    a single call at a time.
+    """
+
+    def __init__(self, name: str, threads: int) -> None:
+        self.name = name
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix=f"detect-{name}")
+        self._local = threading.local()
+
+    def map(self, fn: Callable[[Detector, T], R], items: Iterable[T]) -> Iterator[R]:
+        """fn(detector, item) for every item, results in order, spread over the threads."""
+        return self._executor.map(lambda item: fn(self._detector(), item), items)
+
+    def close(self) -> None:
+        self._executor.shutdown()
+
+    def __enter__(self) -> DetectorPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _detector(self) -> Detector:
+        if not hasattr(self._local, "detector"):
+            self._local.detector = make_detector(self.name)
+        return self._local.detector
