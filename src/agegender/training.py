@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,13 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from agegender import paths
 from agegender.config import ModelSpec, Params, TrainParams
+from agegender.files import atomic_dir, write_json
+from agegender.labels import ADULT_AGE, GENDER_THRESHOLD
 from agegender.model import age_logits_loss, build_model, training_view
 from agegender.preprocess import load_split
-from agegender.tracking import flatten
+from agegender.tracking import configure_tracking, flatten, git_commit
 
 
 class TrainingError(RuntimeError):
@@ -31,11 +33,80 @@ class TrainingError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class TrainResult:
+class CandidateRun:
+    """One trained candidate; its outputs are in `folder` until the winner's are moved into place."""
+
     name: str
     run_id: str
     metrics: dict
-    staging: Path
+    folder: Path
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    """One row of candidates.json, as the train stage reports it."""
+
+    name: str
+    run_id: str
+    winner: bool
+    val_age_mae: float
+    val_gender_accuracy: float
+    train_seconds: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What the train stage did: one MLflow parent run, a child run per candidate, the winner in artifacts/model."""
+
+    run_name: str
+    tracking_uri: str
+    data_version: str
+    candidates: list[CandidateResult]
+
+    @property
+    def summary(self) -> str:
+        names = ", ".join(c.name for c in self.candidates)
+        lines = [f"Trained run {self.run_name!r} (candidates: {names}), tracked in MLflow at {self.tracking_uri}"]
+        lines += [
+            f"{'winner' if c.winner else '      '} {c.name}: val age MAE {c.val_age_mae}, val gender accuracy "
+            f"{c.val_gender_accuracy}, {c.train_seconds} s, run {c.run_id}"
+            for c in self.candidates
+        ]
+        lines.append(f"Winner's model, card and {paths.CANDIDATES} in {paths.MODEL}/")
+        return "\n".join(lines)
+
+
+def run_train_stage(root: Path, params: Params, *, tracking_uri: str | None) -> TrainResult:
+    """The train stage: every candidate on artifacts/prepared, tracked in MLflow; the winner to artifacts/model.
+
+    The run is named after the model and the data version in data.dvc, and tagged with
+    both and the git commit. `tracking_uri` is the store to track in (None: the project's own).
+    """
+    from agegender.data.versioning import data_version
+
+    uri = configure_tracking(root, tracking_uri)
+    version = data_version(root / paths.DATA_DVC)
+    run_name = f"{params.train.backbone}-{params.train.age_head}-{params.preprocess.image_size}px-data{version[:8]}"
+    rows = train_candidates(
+        root / paths.PREPARED,
+        root / paths.MODEL,
+        params,
+        data_version=version,
+        git_commit=git_commit(root),
+        run_name=run_name,
+    )
+    candidates = [
+        CandidateResult(
+            name=row["name"],
+            run_id=row["run_id"],
+            winner=row["winner"],
+            val_age_mae=row["val_age_mae"],
+            val_gender_accuracy=row["val_gender_accuracy"],
+            train_seconds=row["train_seconds"],
+        )
+        for row in rows
+    ]
+    return TrainResult(run_name=run_name, tracking_uri=uri, data_version=version, candidates=candidates)
 
 
 def train_candidates(
@@ -50,9 +121,9 @@ def train_candidates(
 
     train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
     check_inputs(train, val, params.preprocess.image_size, params.train.batch_size)
-    stats = json.loads((prepared_dir / "stats.json").read_text())
-    results: list[TrainResult] = []
-    try:
+    stats = json.loads((prepared_dir / paths.PREPARED_STATS).read_text())
+    results: list[CandidateRun] = []
+    with atomic_dir(out_dir) as staging:
         with mlflow.start_run(run_name=run_name) as parent:
             mlflow.set_tags({"data_version": data_version, "git_commit": git_commit, "role": "parent"})
             mlflow.log_params(flatten(params.model_dump(by_alias=True, mode="json", exclude={"candidates"})))
@@ -67,7 +138,8 @@ def train_candidates(
                         train,
                         val,
                         stats,
-                        out_dir,
+                        # a dot name cannot clash with an output file name
+                        staging / f".candidate-{candidate.name}",
                         data_version=data_version,
                         git_commit=git_commit,
                         run_name=f"{run_name}/{candidate.name}",
@@ -86,12 +158,11 @@ def train_candidates(
             }
             for r in results
         ]
-        (winner.staging / "candidates.json").write_text(json.dumps(summary, indent=2) + "\n")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        winner.staging.rename(out_dir)
-    finally:
+        for item in winner.folder.iterdir():
+            item.rename(staging / item.name)
         for result in results:
-            shutil.rmtree(result.staging, ignore_errors=True)
+            shutil.rmtree(result.folder)
+        write_json(staging / paths.CANDIDATES, summary)
     return summary
 
 
@@ -102,13 +173,13 @@ def train_one(
     train: dict,
     val: dict,
     stats: dict,
-    out_dir: Path,
+    folder: Path,
     *,
     data_version: str,
     git_commit: str,
     run_name: str,
-) -> TrainResult:
-    """Fit one candidate in a child run; returns its outputs in a staging folder."""
+) -> CandidateRun:
+    """Fit one candidate in a child run; its outputs go to `folder`."""
     import mlflow
 
     spec = ModelSpec(
@@ -183,14 +254,10 @@ def train_one(
         )
         # Logged after the per-epoch points, so the run's latest value is the restored best model's.
         mlflow.log_metrics(metrics, step=len(history["loss"]))
-        staging = save_outputs(out_dir, model, spec, metrics, history, stats, run.info.run_id)
-        try:
-            mlflow.log_artifacts(str(staging), artifact_path="outputs")
-            log_model(model, val["images"][:4])
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return TrainResult(name=name, run_id=run.info.run_id, metrics=metrics, staging=staging)
+        save_outputs(folder, model, spec, metrics, history, stats, run.info.run_id)
+        mlflow.log_artifacts(str(folder), artifact_path="outputs")
+        log_model(model, val["images"][:4])
+    return CandidateRun(name=name, run_id=run.info.run_id, metrics=metrics, folder=folder)
 
 
 def check_inputs(train: dict, val: dict, image_size: int, batch_size: int) -> None:
@@ -278,8 +345,8 @@ def score(model: keras.Model, split: dict, *, prefix: str) -> dict:
     """Age MAE and gender accuracy, overall and for ages 18+ (gender is hard to see in young children)."""
     predicted = model.predict(split["images"].astype(np.float32), batch_size=256, verbose=0)
     age, female = predicted["age"][:, 0], predicted["gender"][:, 0]
-    correct = (female >= 0.5) == (split["gender"] >= 0.5)
-    adult = split["age"] >= 18
+    correct = (female >= GENDER_THRESHOLD) == split["gender"].astype(bool)
+    adult = split["age"] >= ADULT_AGE
     return {
         f"{prefix}age_mae": round(float(np.mean(np.abs(age - split["age"]))), 4),
         f"{prefix}gender_accuracy": round(float(correct.mean()), 4),
@@ -296,20 +363,18 @@ def describe_run(spec: ModelSpec, stats: dict) -> str:
 
 
 def save_outputs(
-    out_dir: Path, model: keras.Model, spec: ModelSpec, metrics: dict, history: dict, stats: dict, run_id: str
-) -> Path:
-    """Write every output into a staging folder beside out_dir; the caller renames it into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    model.save(staging / "model.keras")
-    (staging / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    folder: Path, model: keras.Model, spec: ModelSpec, metrics: dict, history: dict, stats: dict, run_id: str
+) -> None:
+    """Write every output of one candidate into folder (a staging folder: see train_candidates)."""
+    folder.mkdir(parents=True)
+    model.save(folder / paths.KERAS_MODEL)
+    (folder / paths.MODEL_SPEC).write_text(spec.model_dump_json(indent=2) + "\n")
+    write_json(folder / paths.VAL_METRICS, metrics)
     curves = pd.DataFrame(history).rename(columns=lambda c: c.replace("binary_", ""))
     curves.insert(0, "epoch", range(1, len(curves) + 1))
-    curves.to_csv(staging / "history.csv", index=False)
-    plot_curves(curves, staging / "curves.png")
-    write_card(staging, spec, metrics, stats, run_id)
-    return staging
+    curves.to_csv(folder / paths.HISTORY, index=False)
+    plot_curves(curves, folder / paths.CURVES)
+    write_card(folder, spec, metrics, stats, run_id)
 
 
 def plot_curves(curves: pd.DataFrame, path: Path) -> None:
@@ -357,7 +422,7 @@ def write_card(folder: Path, spec: ModelSpec, metrics: dict, stats: dict, run_id
         "metrics": metrics,
         "intended_use": use,
     }
-    (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    write_json(folder / paths.MODEL_CARD, card)
     lines = [
         f"# Model card: {card['model']}",
         "",
@@ -371,7 +436,7 @@ def write_card(folder: Path, spec: ModelSpec, metrics: dict, stats: dict, run_id
         "|---|---|",
     ]
     lines += [f"| {name} | {value} |" for name, value in metrics.items()]
-    (folder / "card.md").write_text("\n".join(lines) + "\n")
+    (folder / paths.MODEL_CARD_MD).write_text("\n".join(lines) + "\n")
 
 
 def log_model(model: keras.Model, example: np.ndarray) -> None:

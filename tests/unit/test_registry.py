@@ -24,13 +24,17 @@ from mlflow.tracking._tracking_service import utils as tracking_utils
 from agegender.registry import (
     COMPLETE_TAG,
     HISTORY_TAG,
+    ChampionInfo,
     RegistrationResult,
     RegistryError,
     champion,
+    champion_info,
     champion_uri,
+    find_version,
     list_versions,
     promote,
     register_candidate,
+    resolve_version,
     rollback,
 )
 
@@ -363,3 +367,48 @@ def test_register_rejects_inconsistent_input_before_writing(client, runs):
 def test_champion_uri_names_the_alias():
     assert champion_uri("agegender") == "models:/agegender@champion"
     assert champion_uri() == "models:/agegender@champion"
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("models:/agegender@champion", 2),
+        ("models:/agegender@challenger", 3),
+        ("models:/agegender/1", 1),
+        ("models:/agegender@nobody", None),
+        ("models:/agegender/9", None),
+        ("models:/unknown@champion", None),
+        ("models:/unknown/1", None),
+    ],
+)
+def test_find_version_resolves_aliases_and_numbers(client, runs, uri, expected):
+    register(client, runs[0], FULL)
+    register(client, runs[1], FULL)
+    register(client, runs[2], ABSOLUTE_ONLY)
+
+    found = find_version(client, uri)
+    assert (None if found is None else int(found.version)) == expected
+    if expected is None:
+        with pytest.raises(RegistryError, match="no such model version"):
+            resolve_version(client, uri)
+    else:
+        assert found.name == NAME and int(resolve_version(client, uri).version) == expected
+
+
+@pytest.mark.parametrize("uri", ["runs:/abc/model", "agegender@champion", "models:/agegender", "models:/agegender/x"])
+def test_find_version_refuses_other_uris(client, uri):
+    with pytest.raises(RegistryError, match="expected models:/NAME@ALIAS or models:/NAME/VERSION"):
+        find_version(client, uri)
+
+
+def test_champion_info_carries_the_data_version(client, runs):
+    assert champion_info(client, NAME) is None
+    register(client, runs[0], FULL)
+    assert champion_info(client, NAME) == ChampionInfo(version=1, run_id=runs[0], data_version=f"data-{runs[0][:6]}")
+
+
+def test_champion_info_falls_back_to_the_runs_data_version(client, runs):
+    register(client, runs[0], FULL)
+    client.delete_model_version_tag(NAME, "1", "data_version")
+    client.set_tag(runs[0], "data_version", "from-the-run")
+    assert champion_info(client, NAME).data_version == "from-the-run"
