@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed
 
-from agegender import pipeline
+from agegender import paths, pipeline
 from agegender.config import load_params
 
 FLOW_NAME = "agegender-training"
@@ -90,12 +90,13 @@ def check_retrain(root: Path, force: bool) -> pipeline.RetrainDecision:
     import mlflow
 
     from agegender.data.versioning import data_version
+    from agegender.registry import champion_info
     from agegender.tracking import configure_tracking
 
     model_name = load_params(root / "params.yaml").registry.model_name
     configure_tracking(root, os.environ.get("MLFLOW_TRACKING_URI"))
-    champion = None if force else pipeline.current_champion(mlflow.MlflowClient(), model_name)
-    decision = pipeline.decide_retrain(data_version(root / "data.dvc"), champion, force=force, model_name=model_name)
+    champion = None if force else champion_info(mlflow.MlflowClient(), model_name)
+    decision = pipeline.decide_retrain(data_version(root / paths.DATA_DVC), champion, force=force, model_name=model_name)
     get_run_logger().info("%s: %s", "Retraining" if decision.retrain else "Not retraining", decision.reason)
     return decision
 
@@ -121,10 +122,12 @@ def stage_task(stage: str):
 def publish_report(root: Path, report: pipeline.RunReport) -> None:
     import mlflow
 
+    from agegender.registry import champion_info
+
     if report.decision.retrain:
         pipeline.collect_outputs(root, report)
         model_name = load_params(root / "params.yaml").registry.model_name
-        report.champion_after = pipeline.current_champion(mlflow.MlflowClient(), model_name)
+        report.champion_after = champion_info(mlflow.MlflowClient(), model_name)
     create_markdown_artifact(key=REPORT_KEY, markdown=report.markdown(), description=report.message())
     if report.candidates:
         create_table_artifact(key="agegender-candidates", table=report.candidates, description="Candidates")

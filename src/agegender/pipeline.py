@@ -12,18 +12,8 @@ from pathlib import Path
 
 import yaml
 
-CANDIDATES_FILE = Path("artifacts/model/candidates.json")
-GATE_FILE = Path("artifacts/eval/gate.json")
-REGISTRATION_FILE = Path("artifacts/registry/registration.json")
-
-
-@dataclass(frozen=True)
-class Champion:
-    """The registry's champion and the data version it was trained on."""
-
-    version: str
-    run_id: str | None
-    data_version: str | None
+from agegender import paths
+from agegender.registry import ChampionInfo
 
 
 @dataclass(frozen=True)
@@ -31,7 +21,7 @@ class RetrainDecision:
     retrain: bool
     reason: str
     data_version: str
-    champion: Champion | None
+    champion: ChampionInfo | None
 
 
 def pipeline_stages(root: Path) -> list[str]:
@@ -47,7 +37,9 @@ def stage_is_stale(root: Path, stage: str) -> bool:
         return bool(repo.status(targets=[stage]))
 
 
-def decide_retrain(data_version: str, champion: Champion | None, *, force: bool, model_name: str) -> RetrainDecision:
+def decide_retrain(
+    data_version: str, champion: ChampionInfo | None, *, force: bool, model_name: str
+) -> RetrainDecision:
     """Retrain when forced, when there is no champion, or when the data is not the champion's."""
 
     def decision(retrain: bool, reason: str) -> RetrainDecision:
@@ -79,7 +71,7 @@ class RunReport:
     candidates: list[dict] = field(default_factory=list)
     gate: dict | None = None
     registration: dict | None = None
-    champion_after: Champion | None = None
+    champion_after: ChampionInfo | None = None
 
     @property
     def status(self) -> str:
@@ -122,25 +114,12 @@ class RunReport:
 
 def collect_outputs(root: Path, report: RunReport) -> None:
     """Fill the report from the stage outputs in the project (they are up to date after a run)."""
-    report.candidates = read_json(root / CANDIDATES_FILE) or []
-    report.gate = read_json(root / GATE_FILE)
-    report.registration = read_json(root / REGISTRATION_FILE)
+    report.candidates = read_json(root / paths.MODEL / paths.CANDIDATES) or []
+    report.gate = read_json(root / paths.EVAL / paths.GATE)
+    report.registration = read_json(root / paths.REGISTRY / paths.REGISTRATION)
 
 
-def current_champion(client, model_name: str) -> Champion | None:
-    """The registry's champion with the data version it was trained on; None if there is none."""
-    from agegender.registry import champion
-
-    version = champion(client, model_name)
-    if version is None:
-        return None
-    data = (version.tags or {}).get("data_version")
-    if not data and version.run_id:  # versions registered without the tag: the training run has it
-        data = client.get_run(version.run_id).data.tags.get("data_version")
-    return Champion(version=str(version.version), run_id=version.run_id, data_version=data)
-
-
-def describe_champion(champion: Champion | None) -> str:
+def describe_champion(champion: ChampionInfo | None) -> str:
     if champion is None:
         return "none"
     return f"version {champion.version} (data {champion.data_version}, run {champion.run_id})"

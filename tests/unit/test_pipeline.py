@@ -9,7 +9,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agegender.pipeline import Champion, RetrainDecision, RunReport, decide_retrain, markdown_table
+from agegender.pipeline import RetrainDecision, RunReport, decide_retrain, markdown_table
+from agegender.registry import ChampionInfo as Champion
 
 DATA = "a" * 32
 
@@ -18,10 +19,10 @@ DATA = "a" * 32
     ("champion", "force", "retrain", "reason"),
     [
         (None, False, True, "no champion of model 'agegender'"),
-        (Champion("3", "r1", None), False, True, "version 3) has no data_version tag"),
-        (Champion("3", "r1", DATA), False, False, f"data version {DATA} is the champion's (version 3)"),
-        (Champion("3", "r1", "b" * 32), False, True, f"has {'b' * 32}, data.dvc has {DATA}"),
-        (Champion("3", "r1", DATA), True, True, "forced"),
+        (Champion(3, "r1", None), False, True, "version 3) has no data_version tag"),
+        (Champion(3, "r1", DATA), False, False, f"data version {DATA} is the champion's (version 3)"),
+        (Champion(3, "r1", "b" * 32), False, True, f"has {'b' * 32}, data.dvc has {DATA}"),
+        (Champion(3, "r1", DATA), True, True, "forced"),
     ],
 )
 def test_decide_retrain(champion, force, retrain, reason):
@@ -31,7 +32,7 @@ def test_decide_retrain(champion, force, retrain, reason):
 
 
 def test_report_of_a_skipped_run_says_why():
-    champion = Champion("2", "run2", DATA)
+    champion = Champion(2, "run2", DATA)
     report = RunReport(decision=decide_retrain(DATA, champion, force=False, model_name="m"), fetched="dvc pull")
     assert report.status == "skipped"
     assert report.message() == f"skipped: data version {DATA} is the champion's (version 2)"
@@ -49,7 +50,7 @@ def test_report_of_a_training_run_has_candidates_gate_and_registry():
         candidates=[{"name": "wide|r", "run_id": "f" * 32, "winner": True, "val_age_mae": 7.5}],
         gate=gate,
         registration={"summary": "registered version 4; champion"},
-        champion_after=Champion("4", "f" * 32, DATA),
+        champion_after=Champion(4, "f" * 32, DATA),
     )
     text = report.markdown()
     assert (
