@@ -25,8 +25,14 @@ class DemoParams(Section):
     seed: int = 7
 
 
+class IngestParams(Section):
+    connect_timeout: float = Field(10.0, gt=0.0, description="s to connect to an http(s) source")
+    read_timeout: float = Field(60.0, gt=0.0, description="s an http(s) download may go without receiving a byte")
+
+
 class DataParams(Section):
     source: str = "demo"
+    ingest: IngestParams = IngestParams()
     demo: DemoParams = DemoParams()
 
 

@@ -29,6 +29,11 @@ def test_project_params_load():
         ("validate: {gender_share: [0.9, 0.1]}", "gender_share must be [low, high] with low <= high"),
         ("validate: {age_buckets: [0, 30, 20]}", "age_buckets must be at least two strictly increasing edges"),
         ("data: {demo: {count: 0}}", "'data.demo.count': Input should be greater than or equal to 10"),
+        ("data: {ingest: {read_timeout: 0}}", "'data.ingest.read_timeout': Input should be greater than 0"),
+        (
+            "data: {ingest: {timeout: 5}}",
+            "unknown key 'data.ingest.timeout' (allowed here: connect_timeout, read_timeout)",
+        ),
         ("[1, 2]", "expected a mapping of sections"),
         (
             "candidates: [{name: a, train: {widht: 3}}]",
