@@ -51,15 +51,33 @@ def ingest_command(
         help="'demo', a UTKFace folder or .tar.gz/.zip archive, a CSV manifest (path,age,gender[,race]), or an http(s)/s3/gs URL of an archive.",
     ),
     append: bool = typer.Option(False, "--append", help="Add to the current dataset, skipping images already present."),
+    replace: bool = typer.Option(
+        False, "--replace", help="Allow replacing the dataset with one under half its size (refused otherwise)."
+    ),
+    sha256: str | None = typer.Option(
+        None, "--sha256", help="Expected SHA-256 of the archive (local or downloaded); a mismatch changes nothing."
+    ),
     params_file: Path = PARAMS,
 ) -> None:
-    """Write SOURCE into data/ (images + labels.csv), track it with DVC and push it if a remote is set."""
+    """Write SOURCE into data/ (images + labels.csv), track it with DVC and push it if a remote is set.
+
+    All or nothing: every image must decode and an archive must be complete, or nothing changes.
+    """
     from agegender.data.fetch import ingest_tracked
 
     params = params_or_exit(params_file)
     console.print(f"Ingesting {source!r} into {DATA_DIR}/{' (append)' if append else ''}")
     with data_errors():
-        report_fetch(ingest_tracked(Path.cwd(), source, append=append, demo=params.data.demo))
+        result = ingest_tracked(
+            Path.cwd(),
+            source,
+            append=append,
+            demo=params.data.demo,
+            replace=replace,
+            sha256=sha256,
+            checks=params.data.ingest,
+        )
+        report_fetch(result)
 
 
 @data_app.command("fetch")
@@ -72,7 +90,7 @@ def fetch_command(params_file: Path = PARAMS) -> None:
         f"Fetching the dataset named by data.dvc (dvc pull), else ingesting data.source={params.data.source!r}"
     )
     with data_errors():
-        report_fetch(fetch_dataset(Path.cwd(), params.data.source, params.data.demo))
+        report_fetch(fetch_dataset(Path.cwd(), params.data.source, params.data.demo, params.data.ingest))
 
 
 @contextmanager

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import MALFORMED, PROJECT, run, utkface_files
+from tests.conftest import MALFORMED, PROJECT, run, set_params, utkface_files
+from tests.unit.test_ingest import labelled_folder, serve_archives, snapshot, tar_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -82,6 +83,45 @@ def test_ingest_from_a_url(project_repo, tmp_path, utk_subset):
         assert (project_repo / "data.dvc").read_bytes() == before
     finally:
         server.shutdown()
+
+
+def dataset_state(repo: Path) -> dict:
+    """What a failed ingest must leave as it was: data/, data.dvc, the DVC cache and the DVC remote."""
+    folders = {name: snapshot(repo / name) for name in ("data", ".dvc/cache", "../remote")}
+    return {**folders, "data.dvc": (repo / "data.dvc").read_bytes()}
+
+
+def test_failed_ingests_change_nothing(project_repo, tmp_path):
+    """Issue 9: each bad ingest exits 1 and says why; data/, data.dvc, the cache and the remote stay as they were."""
+    chips, few = tmp_path / "chips", tmp_path / "few"
+    for folder, files in ((chips, utkface_files(30)), (few, utkface_files(4, offset=2))):
+        folder.mkdir()
+        for path in files:
+            shutil.copyfile(path, folder / path.name)
+    run("agegender", "data", "ingest", str(chips), cwd=project_repo)
+    set_params(project_repo, {"data": {"ingest": {"connect_timeout": 2, "read_timeout": 0.5}}})
+    (tmp_path / "m.csv").write_text("path,age,gender\nnope.jpg,30,1\n")
+    batch = labelled_folder(tmp_path / "batch", utkface_files(5, offset=1), missing=1)
+    before = dataset_state(project_repo)
+    with serve_archives({"utkface.tar": tar_bytes(utkface_files(30, offset=1))}) as url:
+        cases = [
+            ([str(tmp_path / "m.csv")], "1 of 1 image files not found: line 2 'nope.jpg'"),
+            ([str(batch), "--append"], "1 of 6 image files not found: line 7 'img/gone0.jpg'"),
+            ([f"{url}/cut/utkface.tar"], "incomplete tar archive: no end-of-archive marker"),
+            ([f"{url}/short/utkface.tar"], "content length"),
+            ([f"{url}/stall/utkface.tar"], "download timed out"),
+            ([str(few)], "would replace the 30 images in"),
+            ([f"{url}/whole/utkface.tar", "--sha256", "0" * 64], "SHA-256 is"),
+        ]
+        for args, message in cases:
+            result = run("agegender", "data", "ingest", *args, cwd=project_repo, check=False)
+            said = result.stderr.replace("\n", " ")
+            assert result.returncode == 1 and message in said and "Nothing was changed" in said, (args, said)
+            assert dataset_state(project_repo) == before, args
+
+    out = run("agegender", "data", "ingest", str(few), "--replace", cwd=project_repo)
+    assert "4 images added, 0 skipped (content already present), 4 in data/labels.csv" in out.stderr.replace("\n", " ")
+    assert dataset_state(project_repo)["data.dvc"] != before["data.dvc"]
 
 
 def test_validation_failure_stops_the_pipeline(project_repo, utk_subset):
