@@ -310,7 +310,7 @@ def test_corrupt_image_is_named(tmp_path, existing):
 
 def test_much_smaller_dataset_needs_replace(tmp_path, existing):
     few = write(tmp_path / "few.tar", tar_bytes(utkface_files(5)))
-    with pytest.raises(SourceError, match=r"with 5 \(fewer than 50%\), losing 7; pass --replace"):
+    with pytest.raises(SourceError, match=r"with 5 \(fewer than 50% of them\); pass --replace"):
         ingest(str(few), existing, append=False, demo=DEMO)
     report = ingest(str(few), existing, append=False, demo=DEMO, replace=True)
     assert report.added == report.total == len(read_rows(existing)) == 5

@@ -84,7 +84,7 @@ def check_size(source: str, data_dir: Path, *, current: int, new: int, replace: 
     if new < current * MIN_KEPT_FRACTION and not replace:
         raise SourceError(
             f"{source}: would replace the {current} images in {data_dir} with {new} "
-            f"(fewer than {MIN_KEPT_FRACTION:.0%}), losing {current - new}; pass --replace if that is intended"
+            f"(fewer than {MIN_KEPT_FRACTION:.0%} of them); pass --replace if that is intended"
         )
 
 

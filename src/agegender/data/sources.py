@@ -98,13 +98,13 @@ def read_manifest(manifest: Path) -> list[Item]:
     if not rows:
         raise SourceError(f"{manifest}: no rows")
     base = manifest.parent.resolve()
-    items, missing = [], []
+    items, not_found = [], []
     for line, row in enumerate(rows, start=2):
         path = (base / row["path"]).resolve()
         if not path.is_relative_to(base):
             raise SourceError(f"{manifest} line {line}: path {row['path']!r} leaves the manifest's folder")
         if not path.is_file():
-            missing.append(f"line {line} {row['path']!r}")
+            not_found.append(f"line {line} {row['path']!r}")
         items.append(
             Item(
                 name=path.name,
@@ -114,8 +114,10 @@ def read_manifest(manifest: Path) -> list[Item]:
                 race=_parse_int(row.get("race") or "", "race", manifest, line, required=False),
             )
         )
-    if missing:
-        raise SourceError(f"{manifest}: {len(missing)} of {len(rows)} image files not found: {list_problems(missing)}")
+    if not_found:
+        raise SourceError(
+            f"{manifest}: {len(not_found)} of {len(rows)} image files not found: {list_problems(not_found)}"
+        )
     return items
 
 
