@@ -23,6 +23,10 @@ registry_app = typer.Typer(
     help="The registered model in the MLflow model registry: versions and aliases.", no_args_is_help=True
 )
 app.add_typer(registry_app, name="registry")
+stack_app = typer.Typer(
+    help="The team stack on this machine: PostgreSQL, an S3 store, MLflow and Prefect servers.", no_args_is_help=True
+)
+app.add_typer(stack_app, name="stack")
 flow_app = typer.Typer(help="The Prefect training flow: run it once, or serve it on a schedule.", no_args_is_help=True)
 app.add_typer(flow_app, name="flow")
 console = Console(stderr=True, soft_wrap=True)  # no hard wraps: messages stay greppable in logs
@@ -525,6 +529,78 @@ def flow_serve_command(params_file: Path = PARAMS) -> None:
         "differs from the champion's. Stop with Ctrl-C."
     )
     serve_deployment(Path.cwd(), name=DEPLOYMENT, cron=schedule.cron, timezone=schedule.timezone)
+
+
+def stack_config(params_file: Path):
+    """The stack section of params.yaml and the stack's folder (relative to the current folder)."""
+    cfg = params_or_exit(params_file).stack
+    return cfg, Path.cwd() / cfg.dir
+
+
+@stack_app.command("up")
+def stack_up_command(params_file: Path = PARAMS) -> None:
+    """Start PostgreSQL, the S3 store (SeaweedFS), the MLflow and the Prefect server; running ones are kept."""
+    from agegender.stack import StackError, stack_up, urls
+
+    cfg, root = stack_config(params_file)
+    console.print(f"Starting the team stack on {cfg.host}; data, logs and secrets.env in {root}/")
+    try:
+        stack_up(root, cfg, base_env=os.environ, report=console.print)
+    except StackError as err:
+        raise fail(str(err)) from None
+    where = urls(cfg)
+    console.print(
+        f'Stack is up. Point clients at it: eval "$(agegender stack env)"\n'
+        f"  MLflow UI {where['mlflow']}   Prefect UI {where['prefect']}   S3 {where['s3']}"
+    )
+
+
+@stack_app.command("env")
+def stack_env_command(params_file: Path = PARAMS) -> None:
+    """Print `export` lines with the stack's URLs and credentials: eval "$(agegender stack env)"."""
+    import shlex
+
+    from agegender.stack import StackError, client_env, urls
+
+    cfg, root = stack_config(params_file)
+    try:
+        values = client_env(root, cfg)
+    except StackError as err:
+        raise fail(str(err)) from None
+    for key, value in values.items():
+        print(f"export {key}={shlex.quote(value)}")
+    remote = f"dvc remote add -d team s3://{cfg.buckets.dvc} && dvc remote modify team endpointurl {urls(cfg)['s3']}"
+    print(f"# DVC remote, once per repository: {remote}")
+
+
+@stack_app.command("status")
+def stack_status_command(params_file: Path = PARAMS) -> None:
+    """Which services run and answer, where, and their logs; exits 1 unless all are up."""
+    from agegender.stack import stack_status
+
+    cfg, root = stack_config(params_file)
+    rows = stack_status(root, cfg)
+    for row in rows:
+        if row["running"]:
+            state = "up" if row["answering"] else "running, not answering"
+        else:
+            state = "down, port held by another" if row["answering"] else "down"
+        print(f"{row['service']:9} {state:24} {row['url']:28} log: {row['log']}")
+    if not all(row["running"] and row["answering"] for row in rows):
+        raise typer.Exit(code=1)
+
+
+@stack_app.command("down")
+def stack_down_command(params_file: Path = PARAMS) -> None:
+    """Stop every service of the stack; databases, stored objects and credentials stay for the next `up`."""
+    from agegender.stack import StackError, stack_down
+
+    cfg, root = stack_config(params_file)
+    try:
+        stack_down(root, report=console.print)
+    except StackError as err:
+        raise fail(str(err)) from None
+    console.print(f"Stack stopped; its data stays in {root}/")
 
 
 def use_project_store() -> str:

@@ -154,6 +154,57 @@ class ServeParams(Section):
         return int(self.max_megapixels * 1e6)
 
 
+Port = Annotated[int, Field(ge=1, le=65535)]
+SEAWEED_PORTS = ("master", "master gRPC", "volume", "volume gRPC", "filer", "filer gRPC", "S3 gRPC")
+
+
+class StackPorts(Section):
+    postgres: Port = 5433
+    s3: Port = 8333
+    mlflow: Port = 5000
+    prefect: Port = 4200
+    seaweed: int = Field(
+        19333, ge=1, le=65535 - len(SEAWEED_PORTS) + 1, description="first of SeaweedFS's 7 internal ports"
+    )
+
+    def named(self) -> dict[int, str]:
+        """Every port the stack listens on -> what it is, for clear 'port taken' messages."""
+        ports = {
+            self.postgres: "PostgreSQL (stack.ports.postgres)",
+            self.s3: "the S3 store (stack.ports.s3)",
+            self.mlflow: "the MLflow server (stack.ports.mlflow)",
+            self.prefect: "the Prefect server (stack.ports.prefect)",
+        }
+        for offset, name in enumerate(SEAWEED_PORTS):
+            ports.setdefault(self.seaweed + offset, f"SeaweedFS {name} (stack.ports.seaweed + {offset})")
+        return ports
+
+    @model_validator(mode="after")
+    def _distinct(self) -> StackPorts:
+        if len(self.named()) != 4 + len(SEAWEED_PORTS):
+            raise ValueError(
+                f"ports must all differ, and seaweed uses {self.seaweed}..{self.seaweed + len(SEAWEED_PORTS) - 1}"
+            )
+        return self
+
+
+BucketName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+
+
+class StackBuckets(Section):
+    dvc: BucketName = "agegender-dvc"
+    mlflow: BucketName = "agegender-mlflow"
+
+
+class StackParams(Section):
+    """The team stack on this machine (agegender stack up): PostgreSQL, S3 (SeaweedFS), MLflow, Prefect."""
+
+    dir: Path = Field(Path(".stack"), description="databases, object store, logs and secrets.env; git ignores it")
+    host: str = Field("127.0.0.1", min_length=1, description="address every server listens on and clients use")
+    ports: StackPorts = StackPorts()
+    buckets: StackBuckets = StackBuckets()
+
+
 class Params(Section):
     data: DataParams = DataParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
@@ -164,6 +215,7 @@ class Params(Section):
     registry: RegistryParams = RegistryParams()
     schedule: ScheduleParams = ScheduleParams()
     serve: ServeParams = ServeParams()
+    stack: StackParams = StackParams()
 
     @model_validator(mode="after")
     def _check_candidates(self) -> Params:
