@@ -166,11 +166,11 @@ def serve_and_load(store: Path, scenes: list[dict], max_batch_size: int, seconds
 def path_quality(predictor, scenes: list[dict]) -> dict:
     """Recall, age MAE and gender accuracy through detect -> crop -> predict vs the same chips as chips."""
     from agegender.evaluation import compute_metrics
-    from agegender.inference import decode_image
+    from agegender.images import FILE_LIMITS, decode_image
 
     found, ages, true_age, genders, true_gender, n = 0, [], [], [], [], 0
     for scene in scenes:
-        faces = predictor.predict_image(decode_image(scene["jpeg"], max_bytes=2**26, max_pixels=10**8))
+        faces = predictor.predict_image(decode_image(scene["jpeg"], FILE_LIMITS))
         for match, age, gender in zip(match_faces(faces, scene["boxes"]), scene["age"], scene["gender"], strict=True):
             n += 1
             if match is None:
@@ -205,10 +205,10 @@ def path_quality(predictor, scenes: list[dict]) -> dict:
 
 
 def in_process_ms(predictor, scene: dict, repeats: int = 40) -> float:
-    from agegender.inference import decode_image
+    from agegender.images import FILE_LIMITS, decode_image
 
     def once() -> None:
-        predictor.predict_image(decode_image(scene["jpeg"], max_bytes=2**26, max_pixels=10**8))
+        predictor.predict_image(decode_image(scene["jpeg"], FILE_LIMITS))
 
     for _ in range(3):
         once()

@@ -349,13 +349,13 @@ def evaluate_candidate(
 
 def load_test_split(prepared_dir: Path, data_dir: Path) -> pd.DataFrame:
     """The test rows of split.csv with their decoded images."""
-    import cv2
+    from agegender.images import read_image
 
     rows = pd.read_csv(prepared_dir / "split.csv", dtype={"race": "Int64"})
     rows = rows[rows["split"] == "test"].reset_index(drop=True)
     if rows.empty:
         raise ValueError(f"{prepared_dir / 'split.csv'}: the test split is empty")
-    rows["image"] = [cv2.imread(str(data_dir / f), cv2.IMREAD_COLOR) for f in rows["file"]]
+    rows["image"] = [read_image(data_dir / f) for f in rows["file"]]
     return rows
 
 
@@ -403,9 +403,8 @@ def score_labelled_source(predictor, source: str, age_buckets: list[int]) -> dic
     Images are face chips scored as the test split is; unlabelled or unreadable images are
     counted and skipped, never silently.
     """
-    import cv2
-
     from agegender.data.ingest import read_items
+    from agegender.images import ImageError, read_image
 
     with tempfile.TemporaryDirectory(prefix="agegender-eval-") as scratch:
         items = read_items(source, Path(scratch))
@@ -414,8 +413,9 @@ def score_labelled_source(predictor, source: str, age_buckets: list[int]) -> dic
             if item.path is None or item.age is None or item.gender is None:
                 skipped["unlabelled"] += 1
                 continue
-            image = cv2.imread(str(item.path), cv2.IMREAD_COLOR)
-            if image is None:
+            try:
+                image = read_image(item.path)
+            except ImageError:
                 skipped["unreadable"] += 1
                 continue
             rows.append({"age": item.age, "gender": item.gender, "race": item.race, "image": image})

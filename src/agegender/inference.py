@@ -5,11 +5,9 @@ Evaluation, the CLI and the service all use `Predictor`, so they cannot disagree
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,73 +19,6 @@ from agegender.faces import Detector, crop_face, detect_or_fallback, make_detect
 
 # Half-width of the reported age range: about the model's typical error on real data.
 AGE_RANGE_YEARS = 5
-
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
-
-
-class ImageError(ValueError):
-    """An input that is not a usable image; `status` is the HTTP status a service answers with."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> np.ndarray:
-    """Image bytes (JPEG, PNG, WebP, BMP; gray, RGBA, 16-bit) -> BGR uint8, with EXIF rotation applied.
-
-    The size is checked from the header before anything is decoded, so a decompression bomb
-    (a few KB that claim 30000x30000 pixels) costs no memory. Every refusal is an ImageError
-    that names the problem.
-    """
-    from PIL import Image, ImageOps
-
-    if not data:
-        raise ImageError("empty upload: 0 bytes")
-    if len(data) > max_bytes:
-        raise ImageError(f"upload is {len(data) / 2**20:.1f} MB, over the limit of {max_bytes / 2**20:.1f} MB", 413)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"image is too large: {err}", status=413) from None
-    except (OSError, ValueError, SyntaxError):
-        if sniffed := sniff_format(data):
-            raise ImageError(f"image is truncated or corrupt: a {sniffed} header with unreadable data") from None
-        raise ImageError(f"not an image: the bytes are none of {', '.join(IMAGE_FORMATS)}", status=415) from None
-    if image.format not in IMAGE_FORMATS:
-        raise ImageError(f"image format {image.format} is not supported; send one of {', '.join(IMAGE_FORMATS)}", 415)
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ImageError(
-            f"image is too large: {width}x{height} ({width * height / 1e6:.0f} megapixels), "
-            f"over the limit of {max_pixels / 1e6:.0f} megapixels",
-            status=413,
-        )
-    try:
-        image.load()
-        image = ImageOps.exif_transpose(image)
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ImageError(f"image is truncated or corrupt ({image.format}): {err}") from None
-    return pil_to_bgr(image)
-
-
-def sniff_format(data: bytes) -> str | None:
-    """The format named by the leading magic bytes, to tell a damaged image from something else."""
-    signatures = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"BM": "BMP"}
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return next((name for magic, name in signatures.items() if data.startswith(magic)), None)
-
-
-def pil_to_bgr(image) -> np.ndarray:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit gray: keep the depth so to_bgr scales it instead of clipping at 255.
-        return to_bgr(np.asarray(image, dtype=np.int64).clip(0, 65535).astype(np.uint16))
-    if image.mode not in ("RGB", "L"):
-        image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
-    return to_bgr(np.asarray(image), rgb=True)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 from rich.progress import track
@@ -22,6 +21,7 @@ from sklearn.model_selection import train_test_split
 
 from agegender.config import PreprocessParams
 from agegender.faces import crop_face, detect_or_fallback, make_detector
+from agegender.images import ImageError, read_image
 from agegender.labels import bucket_ages
 
 SPLITS = ("train", "val", "test")
@@ -63,9 +63,10 @@ def crop_all(paths: list[Path], params: PreprocessParams) -> tuple[np.ndarray, n
     def crop_one(path: Path) -> tuple[np.ndarray, bool]:
         if not hasattr(local, "detector"):
             local.detector = make_detector(params.detector)
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise ValueError(f"{path}: cannot be decoded (was validation skipped?)")
+        try:
+            image = read_image(path)
+        except ImageError as err:
+            raise ValueError(f"{path}: {err} (was validation skipped?)") from None
         box, used_fallback = detect_or_fallback(local.detector, image)
         return crop_face(image, box, margin=params.margin, size=params.image_size), used_fallback
 

@@ -16,12 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pandas as pd
 from rich.progress import track
 
 from agegender.config import ValidateParams
+from agegender.images import FILE_LIMITS, ImageError, decode_image
 from agegender.labels import age_bucket_names, bucket_ages
 
 MANIFEST_COLUMNS = ["file", "age", "gender", "race", "source"]
@@ -94,7 +93,7 @@ def read_labels(path: Path) -> pd.DataFrame:
 
 
 def inspect_images(data_dir: Path, files: list[str], workers: int) -> pd.DataFrame:
-    """Decode every image once, in parallel threads (OpenCV releases the GIL while decoding)."""
+    """Decode every image once, in parallel threads (PIL releases the GIL while decoding)."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         facts = pool.map(lambda f: inspect_image(data_dir / f), files, chunksize=64)
         return pd.DataFrame(list(track(facts, total=len(files), description="Decoding images", transient=True)))
@@ -107,20 +106,15 @@ def inspect_image(path: Path) -> dict:
         return facts
     data = path.read_bytes()
     facts["content_hash"] = hashlib.md5(data).hexdigest()
-    image = decode_image(data)
-    facts["decodes"] = image is not None
-    if image is not None:
-        facts["channels"] = 1 if image.ndim == 2 else image.shape[2]
-        facts["min_side"] = min(image.shape[:2])
+    try:
+        image = decode_image(data, FILE_LIMITS)  # the loader preprocessing and serving use
+    except ImageError:
+        facts["decodes"] = False
+        return facts
+    facts["decodes"] = True
+    facts["channels"] = image.shape[2]
+    facts["min_side"] = min(image.shape[:2])
     return facts
-
-
-def decode_image(data: bytes) -> np.ndarray | None:
-    """The image as loaded for training (3-channel BGR), or None if it is corrupt or truncated."""
-    # libjpeg fills a truncated JPEG with grey and only warns, so check for its end marker.
-    if data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        return None
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
 
 
 def first_copy_of(rows: pd.DataFrame) -> pd.Series:

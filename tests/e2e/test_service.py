@@ -120,7 +120,8 @@ def scene_bytes(count: int = 3, seed: int = 0) -> tuple[bytes, list]:
 
 
 def test_service_predictor_and_cli_give_the_same_answer(server, champion_repo, tmp_path):
-    from agegender.inference import Predictor, decode_image
+    from agegender.images import FILE_LIMITS, decode_image
+    from agegender.inference import Predictor
     from agegender.tracking import configure_tracking
 
     data, boxes = scene_bytes()
@@ -133,7 +134,7 @@ def test_service_predictor_and_cli_give_the_same_answer(server, champion_repo, t
 
     configure_tracking(champion_repo, store_uri(champion_repo))
     predictor = Predictor.from_registry("models:/agegender@champion")
-    local = predictor.predict_image(decode_image(data, max_bytes=2**24, max_pixels=10**7))
+    local = predictor.predict_image(decode_image(data, FILE_LIMITS))
 
     (tmp_path / "scene.png").write_bytes(data)
     cli = run("agegender", "predict", str(tmp_path / "scene.png"), "--json", cwd=champion_repo)
