@@ -380,7 +380,7 @@ def predict_command(
     """Find the faces in images and estimate each one's age and gender."""
     import json
 
-    from agegender.inference import ImageError, decode_image
+    from agegender.images import ImageError, read_image
     from agegender.render import draw_faces, encode_jpeg
 
     params = params_or_exit(params_file)
@@ -391,11 +391,7 @@ def predict_command(
     failed = 0
     for path in files:
         try:
-            image = decode_image(
-                path.read_bytes(),
-                max_bytes=params.serve.max_upload_bytes,
-                max_pixels=params.serve.max_pixels,
-            )
+            image = read_image(path, params.serve.image_limits)  # what the service would accept
         except ImageError as err:
             console.print(f"[red]{path}: {err}[/]")
             failed += 1

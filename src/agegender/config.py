@@ -7,10 +7,13 @@ params.yaml or the environment itself.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from agegender.images import ImageLimits
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -140,10 +143,15 @@ class ServeParams(Section):
     model_uri: str = Field("models:/agegender@champion", pattern=r"^models:/.+")
     max_upload_mb: float = Field(10.0, gt=0.0, le=1024.0)
     max_batch_images: int = Field(16, ge=1, le=256, description="images per /predict_batch call")
-    max_megapixels: float = Field(40.0, gt=0.0, le=1000.0, description="decoded width x height, in millions")
+    # At most agegender.images.MAX_PIXEL_LIMIT: the image library opens nothing larger.
+    max_megapixels: float = Field(40.0, gt=0.0, le=150.0, description="decoded width x height, in millions")
+    max_request_megapixels: float = Field(
+        40.0, gt=0.0, le=1000.0, description="all images of one request together, in millions of pixels"
+    )
+    upload_timeout_s: float = Field(30.0, gt=0.0, description="a request body not received within this: 408")
     reload_seconds: float = Field(30.0, ge=1.0, description="how often the service looks for a new champion")
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per adaptive batch of the model service")
-    max_latency_ms: int = Field(5000, ge=1, description="queued longer than this: 503, load shed")
+    max_latency_ms: int = Field(5000, ge=1, description="queued longer than this: 503 with Retry-After, load shed")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -152,6 +160,18 @@ class ServeParams(Section):
     @property
     def max_pixels(self) -> int:
         return int(self.max_megapixels * 1e6)
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        """The per-image limits as the image loader takes them, named as params.yaml names them."""
+        from agegender.images import ImageLimits  # the loader imports OpenCV; config stays light
+
+        return ImageLimits(
+            max_bytes=self.max_upload_bytes,
+            max_pixels=self.max_pixels,
+            max_bytes_name="serve.max_upload_mb",
+            max_pixels_name="serve.max_megapixels",
+        )
 
 
 Port = Annotated[int, Field(ge=1, le=65535)]
