@@ -99,7 +99,7 @@ def test_failed_ingests_change_nothing(project_repo, tmp_path):
         for path in files:
             shutil.copyfile(path, folder / path.name)
     run("agegender", "data", "ingest", str(chips), cwd=project_repo)
-    set_params(project_repo, {"data": {"ingest": {"connect_timeout": 2, "read_timeout": 0.5}}})
+    set_params(project_repo, {"data": {"ingest": {"connect_timeout": 5, "read_timeout": 2}}})
     (tmp_path / "m.csv").write_text("path,age,gender\nnope.jpg,30,1\n")
     batch = labelled_folder(tmp_path / "batch", utkface_files(5, offset=1), missing=1)
     before = dataset_state(project_repo)

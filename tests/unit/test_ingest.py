@@ -24,8 +24,8 @@ from agegender.data.sources import SourceError, parse_utkface_name
 from tests.conftest import MALFORMED, UTKFACE, utkface_files
 
 DEMO = DemoParams(count=20, image_size=64, seed=1)
-# Small enough that a stalled download fails within a second.
-FAST = IngestParams(connect_timeout=2, read_timeout=0.5)
+# A stalled download fails in 2 s; long enough that a busy test machine does not trip it.
+FAST = IngestParams(connect_timeout=5, read_timeout=2)
 
 
 def read_rows(data_dir: Path) -> list[dict]:
@@ -403,7 +403,7 @@ def test_download_with_sha256(served_tar, existing):
         ("short", f"received {len(tar_bytes(utkface_files(12, offset=1)))} of"),
         # aiohttp refuses bytes past the Content-Length if they come with the body; else the tar is cut.
         ("long", "download failed|incomplete tar archive"),
-        ("stall", r"download timed out .*data.ingest.read_timeout=0.5 s"),
+        ("stall", r"download timed out .*data.ingest.read_timeout=2 s"),
     ],
 )
 def test_bad_download_changes_nothing(served_tar, existing, how, message):
