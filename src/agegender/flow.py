@@ -80,7 +80,7 @@ def fetch_data(root: Path) -> str:
     from agegender.data.fetch import fetch_dataset
 
     params = load_params(root / "params.yaml")
-    result = fetch_dataset(root, params.data.source, params.data.demo)
+    result = fetch_dataset(root, params.data.source, params.data.demo, params.data.ingest)
     get_run_logger().info("data/: %s (DVC version %s)", result["how"], result["data_version"])
     return result["how"]
 
