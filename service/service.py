@@ -27,13 +27,15 @@ import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
+from mlflow import MlflowClient
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response
 
 from agegender.config import ServeParams, load_params
 from agegender.images import ImageError, load_image, open_image
-from agegender.inference import Predictor, resolve_version
+from agegender.inference import Predictor
+from agegender.registry import resolve_version
 from agegender.render import draw_faces, encode_jpeg
 from agegender.tracking import configure_tracking
 
@@ -83,10 +85,10 @@ class FaceModel:
 
     def reload(self) -> bool:
         """Load the version the model URI names now, if it changed; True when swapped."""
-        name, version = resolve_version(SERVE.model_uri)
+        version = resolve_version(MlflowClient(), SERVE.model_uri)
         if str(version.version) == self.predictor.info.version:
             return False
-        fresh = load_checked(f"models:/{name}/{version.version}")
+        fresh = load_checked(f"models:/{version.name}/{version.version}")
         self.predictor = fresh  # one reference assignment: a request sees the old model or the new one
         log.warning("swapped to %s", fresh.describe())
         return True

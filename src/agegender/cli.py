@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from agegender import paths
 from agegender.config import ConfigError, Params, load_params
 
 app = typer.Typer(help="Age and gender estimation from face images: pipeline stages and tools.", no_args_is_help=True)
@@ -32,8 +33,7 @@ app.add_typer(flow_app, name="flow")
 console = Console(stderr=True, soft_wrap=True)  # no hard wraps: messages stay greppable in logs
 
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="Parameters file.")
-DATA_DIR = Path("data")
-ARTIFACTS = Path("artifacts")
+ROOT = Path(".")  # relative, so messages name paths as dvc.yaml does
 
 
 def fail(message: str) -> typer.Exit:
@@ -70,7 +70,7 @@ def ingest_command(
     from agegender.data.fetch import ingest_tracked
 
     params = params_or_exit(params_file)
-    console.print(f"Ingesting {source!r} into {DATA_DIR}/{' (append)' if append else ''}")
+    console.print(f"Ingesting {source!r} into {paths.DATA}/{' (append)' if append else ''}")
     with data_errors():
         result = ingest_tracked(
             Path.cwd(),
@@ -105,16 +105,16 @@ def data_errors():
     try:
         yield
     except (SourceError, VersioningError, OSError) as err:
-        raise fail(f"{err}\nNothing was changed in {DATA_DIR}/.") from None
+        raise fail(f"{err}\nNothing was changed in {paths.DATA}/.") from None
 
 
 def report_fetch(result: dict) -> None:
     if result["how"] == "dvc pull":
-        console.print(f"{DATA_DIR}/ is at DVC version {result['data_version']} (dvc pull)")
+        console.print(f"{paths.DATA}/ is at DVC version {result['data_version']} (dvc pull)")
         return
     console.print(
         f"{result['added']} images added, {result['skipped_duplicates']} skipped (content already present), "
-        f"{result['total']} in {DATA_DIR}/labels.csv; DVC version {result['data_version']} in data.dvc"
+        f"{result['total']} in {paths.DATA / paths.LABELS}; DVC version {result['data_version']} in data.dvc"
     )
     if result["demo"]:
         console.print("[yellow]This is the procedurally drawn DEMO dataset, not real faces.[/]")
@@ -131,150 +131,72 @@ def report_fetch(result: dict) -> None:
 @app.command("validate")
 def validate_command(params_file: Path = PARAMS) -> None:
     """Check data/ with Great Expectations; quarantine bad rows; fail if too many or a table check fails."""
-    from agegender.validation import validate_dataset
+    from agegender.validation import ValidationFailed, run_validate_stage
 
     params = params_or_exit(params_file)
-    out_dir = ARTIFACTS / "validation"
-    console.print(f"Validating {DATA_DIR}/labels.csv and its images")
+    console.print(f"Validating {paths.DATA / paths.LABELS} and its images")
     try:
-        report = validate_dataset(DATA_DIR, out_dir, params.validate_)
+        report = run_validate_stage(ROOT, params)
+    except ValidationFailed as err:
+        console.print(err.report.summary, markup=False)
+        raise fail(str(err)) from None
     except (FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None
-    console.print(
-        f"{report.rows_valid} of {report.rows_total} rows valid, {len(report.quarantined)} quarantined; "
-        f"report in {out_dir}/summary.json, Data Docs at {out_dir}/data_docs/index.html"
-    )
-    for entry in report.quarantined[:10]:
-        console.print(f"  quarantined {entry['file']}: {entry['reason']}")
-    if len(report.quarantined) > 10:
-        console.print(f"  ... and {len(report.quarantined) - 10} more in summary.json")
-    if not report.success:
-        raise fail("validation failed:\n  " + "\n  ".join(report.failures))
+    console.print(report.summary, markup=False)
 
 
 @app.command("preprocess")
 def preprocess_command(params_file: Path = PARAMS) -> None:
     """Detect and crop the valid faces, split them stratified, cache the crops in artifacts/prepared."""
-    from agegender.preprocess import prepare_dataset
+    from agegender.preprocess import run_preprocess_stage
 
     params = params_or_exit(params_file)
-    out_dir = ARTIFACTS / "prepared"
-    manifest = ARTIFACTS / "validation" / "manifest.csv"
+    manifest = paths.VALIDATION / paths.MANIFEST
     console.print(f"Preprocessing {manifest} with the {params.preprocess.detector!r} face detector")
     try:
-        stats = prepare_dataset(manifest, DATA_DIR, out_dir, params.preprocess, params.validate_.age_buckets)
+        result = run_preprocess_stage(ROOT, params)
     except (FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None
-    counts = ", ".join(f"{split} {info['count']}" for split, info in stats["splits"].items())
-    console.print(
-        f"{stats['rows']} faces ({counts}); detector hit rate {stats['detector_hit_rate']:.1%}, "
-        f"{stats['fallback_count']} centred fallback crops; {stats['images_per_s']} images/s; written to {out_dir}/"
-    )
+    console.print(result.summary, markup=False)
 
 
 @app.command("train")
 def train_command(params_file: Path = PARAMS) -> None:
     """Train the multi-task Keras model on artifacts/prepared; track the run in MLflow."""
-    from agegender.data.versioning import data_version
-    from agegender.tracking import git_commit
-    from agegender.training import TrainingError, train_candidates
+    from agegender.training import TrainingError, run_train_stage
 
     params = params_or_exit(params_file)
-    root = Path.cwd()
-    uri = use_project_store()
-    version = data_version(Path("data.dvc"))
-    cfg = params.train
-    run_name = f"{cfg.backbone}-{cfg.age_head}-{params.preprocess.image_size}px-data{version[:8]}"
     names = ", ".join(c.name for c in params.candidates)
-    console.print(f"Training run {run_name!r} (candidates: {names}), tracked in MLflow at {uri}")
+    console.print(f"Training candidates {names} on {paths.PREPARED}/")
     try:
-        candidates = train_candidates(
-            ARTIFACTS / "prepared",
-            ARTIFACTS / "model",
-            params,
-            data_version=version,
-            git_commit=git_commit(root),
-            run_name=run_name,
-        )
+        result = run_train_stage(ROOT, params, tracking_uri=env_tracking_uri())
     except (TrainingError, FileNotFoundError, RuntimeError) as err:
         raise fail(str(err)) from None
-    for c in candidates:
-        mark = "[bold green]winner[/]" if c["winner"] else "      "
-        console.print(
-            f"{mark} {c['name']}: val age MAE {c['val_age_mae']}, val gender accuracy "
-            f"{c['val_gender_accuracy']}, {c['train_seconds']} s, run {c['run_id']}"
-        )
-    console.print(f"Winner's model, card and candidates.json in {ARTIFACTS / 'model'}/")
+    console.print(result.summary, markup=False)
 
 
 @app.command("evaluate")
 def evaluate_command(params_file: Path = PARAMS) -> None:
     """Score the trained model and the current champion on the test split; decide the gates."""
-    import mlflow
-
-    from agegender.evaluation import evaluate_candidate, log_evaluation
-    from agegender.registry import champion, champion_uri
+    from agegender.evaluation import run_evaluate_stage
 
     params = params_or_exit(params_file)
-    use_project_store()
-    name = params.registry.model_name
-    current = champion(mlflow.MlflowClient(), name)
-    out_dir = ARTIFACTS / "eval"
-    console.print(
-        f"Evaluating {ARTIFACTS / 'model'} on the test split"
-        + (f" against champion version {current.version}" if current else " (no champion yet)")
-    )
+    console.print(f"Evaluating {paths.MODEL} on the test split")
     try:
-        decision = evaluate_candidate(
-            ARTIFACTS / "model",
-            ARTIFACTS / "prepared",
-            DATA_DIR,
-            out_dir,
-            champion_uri=champion_uri(name) if current else None,
-            gates=params.gates,
-            age_buckets=params.validate_.age_buckets,
-        )
+        result = run_evaluate_stage(ROOT, params, tracking_uri=env_tracking_uri())
     except (FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None
-    log_evaluation(out_dir, ARTIFACTS / "model")
-    for check in decision["checks"]:
-        mark = "[green]pass[/]" if check["passed"] else "[red]FAIL[/]"
-        console.print(f"  {mark} {check['name']}: {check['value']} (threshold {check['threshold']})")
-    console.print(f"{decision['summary']}\nMetrics, plots and gate.json in {out_dir}/")
+    console.print(result.summary, markup=False)
 
 
 @app.command("register")
 def register_command(params_file: Path = PARAMS) -> None:
     """Register the evaluated model as a new version; move aliases as the gate decided."""
-    import json
-
-    import mlflow
-
-    from agegender.registry import register_candidate
+    from agegender.registry import run_register_stage
 
     params = params_or_exit(params_file)
-    use_project_store()
-    decision = json.loads((ARTIFACTS / "eval" / "gate.json").read_text())
-    card = json.loads((ARTIFACTS / "model" / "card.json").read_text())
-    metrics = json.loads((ARTIFACTS / "eval" / "metrics.json").read_text())
-    run_id = card["mlflow_run_id"]
-    result = register_candidate(
-        mlflow.MlflowClient(),
-        model_name=params.registry.model_name,
-        model_uri=f"runs:/{run_id}/model",
-        run_id=run_id,
-        tags={
-            "data_version": card["data_version"],
-            "git_commit": mlflow.get_run(run_id).data.tags.get("git_commit", "unknown"),
-            "params_hash": params_hash(params),
-            **{f"test_{k}": str(v) for k, v in metrics.items() if isinstance(v, int | float)},
-        },
-        decision=decision,
-    )
-    out = ARTIFACTS / "registry" / "registration.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
-    console.print(result.summary)
+    result = run_register_stage(ROOT, params, tracking_uri=env_tracking_uri())
+    console.print(result.summary, markup=False)
 
 
 def registry_client(params_file: Path):
@@ -527,6 +449,11 @@ def flow_serve_command(params_file: Path = PARAMS) -> None:
     serve_deployment(Path.cwd(), name=DEPLOYMENT, cron=schedule.cron, timezone=schedule.timezone)
 
 
+def env_tracking_uri() -> str | None:
+    """The tracking store named by MLFLOW_TRACKING_URI; None means the project's own."""
+    return os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def stack_config(params_file: Path):
     """The stack section of params.yaml and the stack's folder (relative to the current folder)."""
     cfg = params_or_exit(params_file).stack
@@ -603,13 +530,7 @@ def use_project_store() -> str:
     """Point MLflow at MLFLOW_TRACKING_URI, or else the project's own store; returns the URI."""
     from agegender.tracking import configure_tracking
 
-    return configure_tracking(Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI"))
-
-
-def params_hash(params: Params) -> str:
-    import hashlib
-
-    return hashlib.sha256(params.model_dump_json(by_alias=True).encode()).hexdigest()[:12]
+    return configure_tracking(Path.cwd(), env_tracking_uri())
 
 
 if __name__ == "__main__":

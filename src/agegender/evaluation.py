@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +34,13 @@ from sklearn.metrics import (
     root_mean_squared_error,
 )
 
-from agegender.config import GateParams
-from agegender.labels import age_bucket_names, bucket_ages
+from agegender import paths
+from agegender.config import GateParams, Params
+from agegender.files import atomic_dir, write_json
+from agegender.labels import ADULT_AGE, GENDER_THRESHOLD, age_bucket_names, bucket_ages
 
 RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others"}
 MIN_GROUP_SIZE = 5  # smaller race groups give MAEs too noisy to gate on
-ADULT_AGE = 18
 CS_YEARS = 5
 DIGITS = 4
 
@@ -53,7 +54,7 @@ def _gap(values: list[float]) -> float | None:
 
 
 def _predicted_gender(female_prob: np.ndarray) -> np.ndarray:
-    return (np.asarray(female_prob) >= 0.5).astype(int)
+    return (np.asarray(female_prob) >= GENDER_THRESHOLD).astype(int)
 
 
 def _mae_by_bucket(age_true: np.ndarray, age_pred: np.ndarray, age_buckets: list[int]) -> dict:
@@ -308,6 +309,71 @@ def decide_gates(candidate: dict, champion: dict | None, gates: GateParams) -> d
     }
 
 
+@dataclass(frozen=True)
+class GateCheck:
+    """One check of the gate decision, as in gate.json's "checks"."""
+
+    name: str
+    kind: str
+    value: float | None
+    threshold: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    """What the evaluate stage decided; gate.json in artifacts/eval holds the same decision."""
+
+    champion_version: str | None
+    checks: list[GateCheck]
+    absolute_pass: bool
+    full_pass: bool
+    gate_summary: str
+
+    @property
+    def summary(self) -> str:
+        against = f"against champion version {self.champion_version}" if self.champion_version else "no champion yet"
+        lines = [f"Test split scored {against}:"]
+        lines += [
+            f"  {'pass' if c.passed else 'FAIL'} {c.name}: {c.value} (threshold {c.threshold})" for c in self.checks
+        ]
+        lines += [self.gate_summary, f"Metrics, plots and {paths.GATE} in {paths.EVAL}/"]
+        return "\n".join(lines)
+
+
+def run_evaluate_stage(root: Path, params: Params, *, tracking_uri: str | None) -> EvaluateResult:
+    """The evaluate stage: score artifacts/model and the registry's champion on the test split, decide the gates.
+
+    Writes artifacts/eval and logs the test metrics and decision to the model's MLflow run.
+    `tracking_uri` is the store with the run and the registry (None: the project's own).
+    """
+    from mlflow import MlflowClient
+
+    from agegender.registry import champion
+    from agegender.tracking import configure_tracking
+
+    configure_tracking(root, tracking_uri)
+    current = champion(MlflowClient(), params.registry.model_name)
+    decision = evaluate_candidate(
+        root / paths.MODEL,
+        root / paths.PREPARED,
+        root / paths.DATA,
+        root / paths.EVAL,
+        # the version found, not the alias: the champion cannot move between lookup and load
+        champion_uri=f"models:/{current.name}/{current.version}" if current else None,
+        gates=params.gates,
+        age_buckets=params.validate_.age_buckets,
+    )
+    log_evaluation(root / paths.EVAL, root / paths.MODEL)
+    return EvaluateResult(
+        champion_version=decision["champion"],
+        checks=[GateCheck(**check) for check in decision["checks"]],
+        absolute_pass=decision["absolute_pass"],
+        full_pass=decision["full_pass"],
+        gate_summary=decision["summary"],
+    )
+
+
 def evaluate_candidate(
     model_dir: Path,
     prepared_dir: Path,
@@ -333,17 +399,11 @@ def evaluate_candidate(
     decision = decide_gates(metrics, champion_metrics, gates)
     decision["champion"] = champion.info.version if champion else None
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (staging / "champion_metrics.json").write_text(json.dumps(champion_metrics, indent=2) + "\n")
-        (staging / "gate.json").write_text(json.dumps(decision, indent=2) + "\n")
-        save_plots(staging / "plots", age_buckets=age_buckets, **predictions)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with atomic_dir(out_dir) as staging:
+        write_json(staging / paths.TEST_METRICS, metrics)
+        write_json(staging / paths.CHAMPION_METRICS, champion_metrics)
+        write_json(staging / paths.GATE, decision)
+        save_plots(staging / paths.PLOTS, age_buckets=age_buckets, **predictions)
     return decision
 
 
@@ -351,10 +411,10 @@ def load_test_split(prepared_dir: Path, data_dir: Path) -> pd.DataFrame:
     """The test rows of split.csv with their decoded images."""
     from agegender.images import read_image
 
-    rows = pd.read_csv(prepared_dir / "split.csv", dtype={"race": "Int64"})
+    rows = pd.read_csv(prepared_dir / paths.SPLIT_TABLE, dtype={"race": "Int64"})
     rows = rows[rows["split"] == "test"].reset_index(drop=True)
     if rows.empty:
-        raise ValueError(f"{prepared_dir / 'split.csv'}: the test split is empty")
+        raise ValueError(f"{prepared_dir / paths.SPLIT_TABLE}: the test split is empty")
     rows["image"] = [read_image(data_dir / f) for f in rows["file"]]
     return rows
 
@@ -375,9 +435,9 @@ def log_evaluation(eval_dir: Path, model_dir: Path) -> None:
     """Attach test metrics, plots and the gate decision to the winner's MLflow run."""
     import mlflow
 
-    run_id = json.loads((model_dir / "card.json").read_text())["mlflow_run_id"]
-    metrics = json.loads((eval_dir / "metrics.json").read_text())
-    decision = json.loads((eval_dir / "gate.json").read_text())
+    run_id = json.loads((model_dir / paths.MODEL_CARD).read_text())["mlflow_run_id"]
+    metrics = json.loads((eval_dir / paths.TEST_METRICS).read_text())
+    decision = json.loads((eval_dir / paths.GATE).read_text())
     client = mlflow.MlflowClient()
     for name, value in scalar_metrics(metrics).items():
         client.log_metric(run_id, f"test_{name}", value)

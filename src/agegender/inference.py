@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from agegender import paths
 from agegender.config import ModelSpec
-from agegender.faces import Detector, crop_face, detect_or_fallback, make_detector, to_bgr
+from agegender.faces import Detector, DetectorPool, crop_chip, crop_face, make_detector, to_bgr
+from agegender.labels import GENDER_THRESHOLD
 
 # Half-width of the reported age range: about the model's typical error on real data.
 AGE_RANGE_YEARS = 5
@@ -39,19 +39,17 @@ class Predictor:
         self.spec = spec
         self.info = info
         self.detector = detector or make_detector(spec.detector)
-        # Detection dominates the cost of an image and OpenCV frees the GIL: the images of a
-        # batch are detected in parallel threads, one detector each (a detector is not thread-safe).
         self.detect_threads = detect_threads or min(os.cpu_count() or 1, 8)
-        self._pool: ThreadPoolExecutor | None = None
-        self._local = threading.local()
+        # the images of a batch are detected in parallel (threads start on first use)
+        self._pool = DetectorPool(spec.detector, self.detect_threads)
 
     @classmethod
     def from_path(cls, model_dir: Path) -> Predictor:
         """A trained model folder: model.keras + spec.json (as written by the train stage)."""
         import keras
 
-        spec = load_spec(model_dir / "spec.json")
-        model = keras.saving.load_model(model_dir / "model.keras", compile=False)
+        spec = load_spec(model_dir / paths.MODEL_SPEC)
+        model = keras.saving.load_model(model_dir / paths.KERAS_MODEL, compile=False)
         return cls(
             model,
             spec,
@@ -63,12 +61,13 @@ class Predictor:
         """A registered model, e.g. models:/agegender@champion or models:/agegender/3."""
         import mlflow
 
-        name, version = resolve_version(uri)
-        model = mlflow.tensorflow.load_model(f"models:/{name}/{version.version}")
+        from agegender.registry import resolve_version
+
+        version = resolve_version(mlflow.MlflowClient(), uri)
+        model = mlflow.tensorflow.load_model(f"models:/{version.name}/{version.version}")
         spec = registered_spec(version)
-        return cls(
-            model, spec, ModelInfo(name=name, version=str(version.version), data_version=spec.data_version, uri=uri)
-        )
+        info = ModelInfo(name=version.name, version=str(version.version), data_version=spec.data_version, uri=uri)
+        return cls(model, spec, info)
 
     def describe(self) -> dict:
         """What answers: reported by the service in every response."""
@@ -116,27 +115,16 @@ class Predictor:
             out = self.model.predict(crops, batch_size=batch_size, verbose=0)
         return np.asarray(out["age"])[:, 0], np.asarray(out["gender"])[:, 0]
 
-    def crop_chip(self, image: np.ndarray) -> np.ndarray:
-        """The crop of a face chip (one face filling the image), as in preprocessing."""
-        image = to_bgr(image)
-        box, _ = detect_or_fallback(self.detector, image)
-        return crop_face(image, box, margin=self.spec.margin, size=self.spec.image_size)
-
     def predict_chips(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Predictions for face chips, cropped exactly as preprocessing cropped the training data."""
-        return self.predict_crops(np.stack([self.crop_chip(image) for image in images]))
+        spec = self.spec
+        crops = [crop_chip(self.detector, image, margin=spec.margin, size=spec.image_size)[0] for image in images]
+        return self.predict_crops(np.stack(crops))
 
     def detect_all(self, images: list[np.ndarray]) -> list[list]:
         if len(images) == 1 or self.detect_threads == 1:
             return [self.detector.detect(image) for image in images]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.detect_threads, thread_name_prefix="detect")
-        return list(self._pool.map(self._detect_in_thread, images))
-
-    def _detect_in_thread(self, image: np.ndarray) -> list:
-        if not hasattr(self._local, "detector"):
-            self._local.detector = make_detector(self.spec.detector)
-        return self._local.detector.detect(image)
+        return list(self._pool.map(lambda detector, image: detector.detect(image), images))
 
     def predict_images(self, images: list[np.ndarray]) -> list[list[dict]]:
         """Every face the detector finds in each image; the faces of all images share one model call."""
@@ -169,12 +157,15 @@ class Predictor:
 def import_to_bentoml(uri: str, name: str = "agegender") -> str:
     """Copy a registered model (and its crop spec) into the BentoML model store; returns its tag."""
     import bentoml
+    import mlflow
 
-    model_name, version = resolve_version(uri)
+    from agegender.registry import resolve_version
+
+    version = resolve_version(mlflow.MlflowClient(), uri)
     stored = bentoml.mlflow.import_model(
         name,
-        f"models:/{model_name}/{version.version}",
-        labels={"registered_model": model_name, "version": str(version.version)},
+        f"models:/{version.name}/{version.version}",
+        labels={"registered_model": version.name, "version": str(version.version)},
         metadata={"spec": registered_spec(version).model_dump(mode="json"), "source": uri},
     )
     return str(stored.tag)
@@ -184,12 +175,12 @@ def registered_spec(version) -> ModelSpec:
     """The crop and label spec that the training run of a registered model version logged."""
     import mlflow
 
-    path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="outputs/spec.json")
+    path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=f"outputs/{paths.MODEL_SPEC}")
     return load_spec(Path(path))
 
 
 def face_result(box, age: float, female: float) -> dict:
-    gender = "female" if female >= 0.5 else "male"
+    gender = "female" if female >= GENDER_THRESHOLD else "male"
     return {
         "box": [box.x, box.y, box.w, box.h],
         "detection_score": round(float(box.score), 4),
@@ -204,18 +195,3 @@ def load_spec(path: Path) -> ModelSpec:
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; is this a model folder written by `agegender train`?")
     return ModelSpec.model_validate(json.loads(path.read_text()))
-
-
-def resolve_version(uri: str):
-    """(name, ModelVersion) for models:/NAME@ALIAS or models:/NAME/VERSION."""
-    import mlflow
-
-    if not uri.startswith("models:/"):
-        raise ValueError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    client = mlflow.MlflowClient()
-    ref = uri.removeprefix("models:/")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return name, client.get_model_version_by_alias(name, alias)
-    name, version = ref.rsplit("/", 1)
-    return name, client.get_model_version(name, version)

@@ -6,12 +6,8 @@ file went where, and whether the detector found the face) and stats.json.
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +15,49 @@ import pandas as pd
 from rich.progress import track
 from sklearn.model_selection import train_test_split
 
-from agegender.config import PreprocessParams
-from agegender.faces import crop_face, detect_or_fallback, make_detector
+from agegender import paths
+from agegender.config import Params, PreprocessParams
+from agegender.faces import Detector, DetectorPool, crop_chip
+from agegender.files import atomic_dir, write_json
 from agegender.images import ImageError, read_image
 from agegender.labels import bucket_ages
 
-SPLITS = ("train", "val", "test")
+
+@dataclass(frozen=True)
+class PreprocessResult:
+    """What the preprocess stage wrote to artifacts/prepared (stats.json holds the details)."""
+
+    rows: int
+    split_counts: dict[str, int]
+    detector_hit_rate: float
+    fallback_count: int
+    images_per_s: float
+
+    @property
+    def summary(self) -> str:
+        counts = ", ".join(f"{split} {count}" for split, count in self.split_counts.items())
+        return (
+            f"{self.rows} faces ({counts}); detector hit rate {self.detector_hit_rate:.1%}, "
+            f"{self.fallback_count} centred fallback crops; {self.images_per_s} images/s; written to {paths.PREPARED}/"
+        )
+
+
+def run_preprocess_stage(root: Path, params: Params) -> PreprocessResult:
+    """The preprocess stage: the validated manifest's faces -> crops, split and stats in artifacts/prepared."""
+    stats = prepare_dataset(
+        root / paths.VALIDATION / paths.MANIFEST,
+        root / paths.DATA,
+        root / paths.PREPARED,
+        params.preprocess,
+        params.validate_.age_buckets,
+    )
+    return PreprocessResult(
+        rows=stats["rows"],
+        split_counts={split: info["count"] for split, info in stats["splits"].items()},
+        detector_hit_rate=stats["detector_hit_rate"],
+        fallback_count=stats["fallback_count"],
+        images_per_s=stats["images_per_s"],
+    )
 
 
 def prepare_dataset(
@@ -40,38 +73,28 @@ def prepare_dataset(
     rows["fallback"] = fallback
     rows["split"] = split_stratified(rows, params, age_buckets)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        for split in SPLITS:
-            save_split(staging / f"{split}.npz", crops, rows, split)
-        rows[["file", "split", "age", "gender", "race", "fallback"]].to_csv(staging / "split.csv", index=False)
+    with atomic_dir(out_dir) as staging:
+        for split in paths.SPLITS:
+            save_split(staging / paths.split_arrays(split), crops, rows, split)
+        rows[["file", "split", "age", "gender", "race", "fallback"]].to_csv(staging / paths.SPLIT_TABLE, index=False)
         stats = split_stats(rows, age_buckets, seconds)
         stats["sources"] = sorted(rows["source"].astype(str).unique())
-        (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        write_json(staging / paths.PREPARED_STATS, stats)
     return stats
 
 
-def crop_all(paths: list[Path], params: PreprocessParams) -> tuple[np.ndarray, np.ndarray]:
-    """Decode, detect and crop in parallel threads, one detector per thread (OpenCV frees the GIL)."""
-    local = threading.local()
+def crop_all(files: list[Path], params: PreprocessParams) -> tuple[np.ndarray, np.ndarray]:
+    """Decode, detect and crop in parallel threads; returns the crops and which ones fell back."""
 
-    def crop_one(path: Path) -> tuple[np.ndarray, bool]:
-        if not hasattr(local, "detector"):
-            local.detector = make_detector(params.detector)
+    def crop_one(detector: Detector, path: Path) -> tuple[np.ndarray, bool]:
         try:
             image = read_image(path)
         except ImageError as err:
             raise ValueError(f"{path}: {err} (was validation skipped?)") from None
-        box, used_fallback = detect_or_fallback(local.detector, image)
-        return crop_face(image, box, margin=params.margin, size=params.image_size), used_fallback
+        return crop_chip(detector, image, margin=params.margin, size=params.image_size)
 
-    with ThreadPoolExecutor(max_workers=params.workers) as pool:
-        results = list(track(pool.map(crop_one, paths), total=len(paths), description="Detecting and cropping faces"))
+    with DetectorPool(params.detector, params.workers) as pool:
+        results = list(track(pool.map(crop_one, files), total=len(files), description="Detecting and cropping faces"))
     crops = np.stack([crop for crop, _ in results])
     return crops, np.array([used for _, used in results])
 
@@ -109,7 +132,7 @@ def save_split(path: Path, crops: np.ndarray, rows: pd.DataFrame, split: str) ->
 
 def load_split(prepared_dir: Path, split: str) -> dict[str, np.ndarray]:
     """One cached split as arrays: images (N, S, S, 3) uint8 BGR, age, gender, race, files."""
-    path = prepared_dir / f"{split}.npz"
+    path = prepared_dir / paths.split_arrays(split)
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; run `agegender preprocess` (or `dvc repro preprocess`) first")
     with np.load(path) as data:
@@ -119,7 +142,7 @@ def load_split(prepared_dir: Path, split: str) -> dict[str, np.ndarray]:
 def split_stats(rows: pd.DataFrame, age_buckets: list[int], seconds: float) -> dict:
     buckets = pd.Series(bucket_ages(rows["age"], age_buckets), index=rows.index)
     per_split = {}
-    for split in SPLITS:
+    for split in paths.SPLITS:
         part = rows["split"] == split
         per_split[split] = {
             "count": int(part.sum()),

@@ -8,10 +8,7 @@ what is quarantined and whether the stage fails; its Data Docs render the report
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +16,9 @@ from pathlib import Path
 import pandas as pd
 from rich.progress import track
 
-from agegender.config import ValidateParams
+from agegender import paths
+from agegender.config import Params, ValidateParams
+from agegender.files import atomic_dir, file_md5, write_json
 from agegender.images import FILE_LIMITS, ImageError, decode_image
 from agegender.labels import age_bucket_names, bucket_ages
 
@@ -35,18 +34,44 @@ class ValidationReport:
     failures: list[str]
     out_dir: Path
 
+    @property
+    def summary(self) -> str:
+        lines = [
+            f"{self.rows_valid} of {self.rows_total} rows valid, {len(self.quarantined)} quarantined; "
+            f"report in {self.out_dir / paths.VALIDATION_SUMMARY}, "
+            f"Data Docs at {self.out_dir / paths.DATA_DOCS}/index.html"
+        ]
+        lines += [f"  quarantined {entry['file']}: {entry['reason']}" for entry in self.quarantined[:10]]
+        if len(self.quarantined) > 10:
+            lines.append(f"  ... and {len(self.quarantined) - 10} more in {paths.VALIDATION_SUMMARY}")
+        return "\n".join(lines)
+
+
+class ValidationFailed(ValueError):
+    """The dataset failed validation; its report was written all the same, and says why."""
+
+    def __init__(self, report: ValidationReport) -> None:
+        super().__init__("validation failed:\n  " + "\n  ".join(report.failures))
+        self.report = report
+
+
+def run_validate_stage(root: Path, params: Params) -> ValidationReport:
+    """The validate stage: data/ -> artifacts/validation; raises ValidationFailed when the data fails."""
+    report = validate_dataset(root / paths.DATA, root / paths.VALIDATION, params.validate_)
+    if not report.success:
+        raise ValidationFailed(report)
+    return report
+
 
 def validate_dataset(data_dir: Path, out_dir: Path, params: ValidateParams) -> ValidationReport:
     """Check data_dir/labels.csv and its images; write manifest, summary and Data Docs to out_dir."""
-    labels = read_labels(data_dir / "labels.csv")
+    labels = read_labels(data_dir / paths.LABELS)
     rows = labels.join(inspect_images(data_dir, labels["file"].tolist(), params.workers))
     rows["age_num"] = pd.to_numeric(rows["age"].where(rows["age"].str.fullmatch(r"\d+", na=False)), errors="coerce")
     rows["duplicate_of"] = first_copy_of(rows)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        context = make_context(staging / "data_docs")
+    with atomic_dir(out_dir) as staging:
+        context = make_context(staging / paths.DATA_DOCS)
         row_result = run_checkpoint(context, "rows", row_expectations(params), rows)
         quarantined = quarantine_reasons(row_result, rows)
         valid = rows[~rows["file"].isin({q["file"] for q in quarantined})].copy()
@@ -70,12 +95,8 @@ def validate_dataset(data_dir: Path, out_dir: Path, params: ValidateParams) -> V
             failures=failures,
             out_dir=out_dir,
         )
-        valid[MANIFEST_COLUMNS].to_csv(staging / "manifest.csv", index=False)
-        write_summary(staging / "summary.json", report, [row_result, table_result])
-        shutil.rmtree(out_dir, ignore_errors=True)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        valid[MANIFEST_COLUMNS].to_csv(staging / paths.MANIFEST, index=False)
+        write_summary(staging / paths.VALIDATION_SUMMARY, report, [row_result, table_result])
     return report
 
 
@@ -105,7 +126,7 @@ def inspect_image(path: Path) -> dict:
     if not facts["exists"]:
         return facts
     data = path.read_bytes()
-    facts["content_hash"] = hashlib.md5(data).hexdigest()
+    facts["content_hash"] = file_md5(path)
     try:
         image = decode_image(data, FILE_LIMITS)  # the loader preprocessing and serving use
     except ImageError:
@@ -252,7 +273,7 @@ def write_summary(path: Path, report: ValidationReport, results: list) -> None:
             for r in result.results
         ],
     }
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(path, summary)
 
 
 def json_safe(value):
