@@ -97,7 +97,9 @@ def trigger(log: Path):
     return flow_run
 
 
-def test_scheduled_deployment_retrains_only_when_the_data_changes(project_repo, utk_subset, tmp_path):
+def test_scheduled_deployment_trains_skips_retrains_and_never_promotes_a_worse_model(
+    project_repo, utk_subset, tmp_path
+):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     # No data.dvc yet: the flow's fetch task falls back to ingesting data.source.
@@ -152,6 +154,11 @@ def test_scheduled_deployment_retrains_only_when_the_data_changes(project_repo, 
             assert "## Gate" in report and "**Decision: " in report and "champion now: version 1" in report
             assert {"agegender-candidates", "agegender-gate"} <= set(published)
             assert f"ingest {utk_subset}" in report
+            metrics = json.loads((project_repo / "artifacts/eval/metrics.json").read_text())
+            assert {"age_mae", "age_rmse", "age_cs5", "gender_accuracy", "gender_f1", "gender_roc_auc"} <= set(metrics)
+            assert (project_repo / "artifacts/eval/plots/age_scatter.png").exists()
+            assert aliases(project_repo) == {"champion": "1", "challenger": "1"}
+            assert registered_data_version(project_repo, "1") == version
             lines = [log.message for log in run_logs(first.id)]
             assert any("Running stage 'train'" in line for line in lines), "stage output in the run logs"
 
@@ -164,7 +171,12 @@ def test_scheduled_deployment_retrains_only_when_the_data_changes(project_repo, 
             assert (project_repo / "dvc.lock").read_text() == lock
             assert len(training_runs(project_repo)) == 1
 
-            # A new batch of images changes the data version: the run retrains; DVC skips nothing it needs.
+            nothing = run("dvc", "repro", cwd=project_repo)
+            assert "Running stage" not in nothing.stdout, "after the flow, `dvc repro` by hand has nothing to do"
+
+            # A new batch of images changes the data version: the run retrains. The candidate is
+            # deliberately worse (one epoch, tiny learning rate): it is scored against the champion
+            # on the same test split, registered, and not promoted.
             batch = tmp_path / "batch"
             batch.mkdir()
             for path in utkface_files(40, offset=1):
@@ -172,14 +184,40 @@ def test_scheduled_deployment_retrains_only_when_the_data_changes(project_repo, 
             run("agegender", "data", "ingest", str(batch), "--append", cwd=project_repo)
             new_version = data_version(project_repo)
             assert new_version != version
+            set_params(
+                project_repo, {"train": {"epochs": 1, "learning_rate": 0.0001}, "gates": {"min_improvement": 0.5}}
+            )
 
             third = trigger(serve_log)
             assert third.state.message.startswith("trained"), third.state.message
             versions = sorted(r["data_version"] for r in training_runs(project_repo))
             assert versions == sorted([version, new_version])
+            gate = json.loads((project_repo / "artifacts/eval/gate.json").read_text())
+            assert gate["has_champion"] is True and gate["full_pass"] is False
+            assert aliases(project_repo)["champion"] == "1"
     finally:
         for process in reversed(processes):  # the runner first: it pauses its schedule
             stop(process)
+
+    # The registry by hand: list, promote, roll back, and a version that does not exist.
+    listed = run("agegender", "registry", "list", cwd=project_repo).stdout
+    assert "v1  aliases: champion" in listed and "v2" in listed
+    run("agegender", "registry", "promote", "2", cwd=project_repo)
+    assert aliases(project_repo)["champion"] == "2"
+    run("agegender", "registry", "rollback", cwd=project_repo)
+    assert aliases(project_repo)["champion"] == "1"
+    missing = run("agegender", "registry", "promote", "99", cwd=project_repo, check=False)
+    assert missing.returncode == 1 and "99" in missing.stderr
+
+
+def aliases(repo: Path) -> dict[str, str]:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    versions = [
+        client.get_model_version("agegender", v.version) for v in client.search_model_versions("name='agegender'")
+    ]
+    return {alias: str(v.version) for v in versions for alias in v.aliases}
 
 
 def run_logs(flow_run_id) -> list:
@@ -188,3 +226,13 @@ def run_logs(flow_run_id) -> list:
 
     with get_client(sync_client=True) as client:
         return client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)
+
+
+def registered_data_version(repo: Path, version: str) -> str:
+    import mlflow
+
+    return (
+        mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+        .get_model_version("agegender", version)
+        .tags["data_version"]
+    )

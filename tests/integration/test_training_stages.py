@@ -1,7 +1,12 @@
-"""`dvc repro` through training on real UTKFace images, with a tiny model, checked in MLflow."""
+"""`dvc repro` through training on real UTKFace images, with a tiny model, checked in MLflow.
 
+The repository is trained once per module; each test works on its own copy.
+"""
+
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import time
 
@@ -9,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import BIN, free_port, run, set_params
+from tests.conftest import BIN, copy_utk_subset, free_port, make_project_repo, run, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -20,12 +25,20 @@ TINY = {
 TWO_CANDIDATES = [{"name": "small", "train": {}}, {"name": "wider", "train": {"width": 12}}]
 
 
+@pytest.fixture(scope="module")
+def trained_template(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("trained")
+    repo = make_project_repo(base)
+    set_params(repo, {**TINY, "candidates": TWO_CANDIDATES})
+    run("agegender", "data", "ingest", str(copy_utk_subset(base / "utk")), cwd=repo)
+    run("dvc", "repro", "train", cwd=repo)
+    return repo
+
+
 @pytest.fixture
-def trained_repo(project_repo, utk_subset):
-    set_params(project_repo, {**TINY, "candidates": TWO_CANDIDATES})
-    run("agegender", "data", "ingest", str(utk_subset), cwd=project_repo)
-    run("dvc", "repro", "train", cwd=project_repo)
-    return project_repo
+def trained_repo(trained_template, tmp_path):
+    """A copy of the trained repository (its MLflow runs keep their artifacts in the template's folder)."""
+    return shutil.copytree(trained_template, tmp_path / "repo", symlinks=True)
 
 
 def mlflow_client(repo):
@@ -94,29 +107,29 @@ def test_dvc_experiments_metrics_and_plots(trained_repo):
     assert "val_age_mae" in plots
 
 
-def test_bad_training_input_writes_no_model(project_repo, utk_subset):
-    set_params(project_repo, TINY)
-    run("agegender", "data", "ingest", str(utk_subset), cwd=project_repo)
-    run("dvc", "repro", "preprocess", cwd=project_repo)
+def test_bad_training_input_replaces_no_model(trained_repo):
+    model = trained_repo / "artifacts/model"
+    before = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in model.iterdir()}
 
-    set_params(project_repo, {"preprocess": {"image_size": 48}})
-    mismatch = run("agegender", "train", cwd=project_repo, check=False)
+    set_params(trained_repo, {"preprocess": {"image_size": 48}})
+    mismatch = run("agegender", "train", cwd=trained_repo, check=False)
     assert mismatch.returncode == 1 and "preprocess.image_size is 48" in mismatch.stderr
-    set_params(project_repo, {"preprocess": {"image_size": 32}, "train": {"batch_size": 4096}})
-    too_few = run("agegender", "train", cwd=project_repo, check=False)
+    set_params(trained_repo, {"preprocess": {"image_size": 32}, "train": {"batch_size": 4096}})
+    too_few = run("agegender", "train", cwd=trained_repo, check=False)
     assert too_few.returncode == 1 and "fewer than train.batch_size=4096" in too_few.stderr
 
-    set_params(project_repo, {"train": {"batch_size": 32}})
-    cache = project_repo / "artifacts/prepared/train.npz"
+    set_params(trained_repo, {"train": {"batch_size": 32}})
+    cache = trained_repo / "artifacts/prepared/train.npz"
     split = dict(np.load(cache))
     split["age"][:] = np.nan  # a corrupt label cache: the loss cannot be finite
     np.savez(cache, **split)
-    nan = run("agegender", "train", cwd=project_repo, check=False)
+    nan = run("agegender", "train", cwd=trained_repo, check=False)
     assert nan.returncode == 1 and "loss became nan" in nan.stderr and "No model was written" in nan.stderr
-    assert not (project_repo / "artifacts/model").exists()
+    assert {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in model.iterdir()} == before
+    assert sorted(p.name for p in model.parent.iterdir()) == ["model", "prepared", "validation"], "no staging left"
 
 
-def test_training_against_a_remote_tracking_server(project_repo, utk_subset, tmp_path):
+def test_training_against_a_remote_tracking_server(trained_repo, tmp_path):
     port = free_port()
     server = subprocess.Popen(
         [
@@ -139,18 +152,17 @@ def test_training_against_a_remote_tracking_server(project_repo, utk_subset, tmp
     try:
         uri = f"http://127.0.0.1:{port}"
         wait_for(uri)
-        set_params(project_repo, TINY)
-        run("agegender", "data", "ingest", str(utk_subset), cwd=project_repo)
-        run("dvc", "repro", "preprocess", cwd=project_repo)
+        (trained_repo / "mlflow.db").unlink()
+        set_params(trained_repo, {"candidates": TWO_CANDIDATES[:1]})
         result = subprocess.run(
             ["agegender", "train"],
-            cwd=project_repo,
+            cwd=trained_repo,
             capture_output=True,
             text=True,
             env={**os.environ, "MLFLOW_TRACKING_URI": uri},
         )
         assert result.returncode == 0, result.stderr
-        assert not (project_repo / "mlflow.db").exists()
+        assert not (trained_repo / "mlflow.db").exists()
         import mlflow
 
         client = mlflow.MlflowClient(uri)
