@@ -97,6 +97,7 @@ def trigger(log: Path):
     return flow_run
 
 
+@pytest.mark.timeout(1800)
 def test_scheduled_deployment_trains_skips_retrains_and_never_promotes_a_worse_model(
     project_repo, utk_subset, tmp_path
 ):
