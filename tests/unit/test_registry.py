@@ -21,6 +21,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
+from agegender import paths
+from agegender.config import Params
+from agegender.files import write_json
 from agegender.registry import (
     COMPLETE_TAG,
     HISTORY_TAG,
@@ -31,11 +34,13 @@ from agegender.registry import (
     champion_info,
     champion_uri,
     find_version,
+    hash_params,
     list_versions,
     promote,
     register_candidate,
     resolve_version,
     rollback,
+    run_register_stage,
 )
 
 NAME = "agegender"
@@ -412,3 +417,19 @@ def test_champion_info_falls_back_to_the_runs_data_version(client, runs):
     client.delete_model_version_tag(NAME, "1", "data_version")
     client.set_tag(runs[0], "data_version", "from-the-run")
     assert champion_info(client, NAME).data_version == "from-the-run"
+
+
+def test_register_stage_registers_what_evaluate_decided(client, runs, tmp_path):
+    root = tmp_path / "project"
+    write_json(root / paths.MODEL / paths.MODEL_CARD, {"mlflow_run_id": runs[0], "data_version": "abc123"})
+    write_json(root / paths.EVAL / paths.GATE, FULL)
+    write_json(root / paths.EVAL / paths.TEST_METRICS, {"age_mae": 5.25, "n_samples": 30, "by_race": {}})
+
+    result = run_register_stage(root, Params(), tracking_uri=mlflow.get_tracking_uri())
+
+    assert (result.model_name, result.version, result.champion) == (NAME, 1, 1)
+    assert json.loads((root / paths.REGISTRY / paths.REGISTRATION).read_text()) == result.as_dict()
+    tags = client.get_model_version(NAME, "1").tags
+    assert tags["data_version"] == "abc123" and tags["git_commit"] == "unknown"
+    assert (tags["test_age_mae"], tags["test_n_samples"]) == ("5.25", "30") and "test_by_race" not in tags
+    assert tags["params_hash"] == hash_params(Params()) != hash_params(Params(registry={"model_name": "other"}))
