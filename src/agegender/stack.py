@@ -135,15 +135,14 @@ def stack_up(root: Path, cfg: StackParams, *, base_env: Mapping[str, str], repor
                 report(f"starting {name} ...")
                 STARTERS[name](root, cfg, values, base_env)
                 started.append(name)
-            if name == "postgres":
-                create_databases(cfg, values)
-        for name in SERVICES:
-            if name in started:
-                if name in READY_PATHS:
-                    _wait_ready(root, cfg, name)
-                report(f"{name} is up at {urls(cfg)[name]} (log: {log_path(root, name)})")
             else:
                 report(f"{name} is already running at {urls(cfg)[name]}")
+            if name == "postgres":
+                create_databases(cfg, values)
+        for name in started:
+            if name in READY_PATHS:
+                _wait_ready(root, cfg, name)
+            report(f"{name} is up at {urls(cfg)[name]} (log: {log_path(root, name)})")
         create_buckets(cfg, values)
     except BaseException:
         stop_services(root, started)
