@@ -25,9 +25,12 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield an empty staging folder beside `path`; on success it replaces `path`, on any error it is removed.
 
     The previous folder is moved aside before the new one is renamed in, so `path` is
-    missing only between two renames, never half-written.
+    missing only between two renames, never half-written. Staging folders that a killed
+    run left behind are removed first.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}-*"):  # left by a run that was killed (no cleanup runs then)
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     old = staging.with_name(staging.name + "-old")
     try:

@@ -70,3 +70,12 @@ def test_file_md5_is_the_md5_of_the_bytes(tmp_path, data):
     path = tmp_path / "image.jpg"
     path.write_bytes(data)
     assert file_md5(path) == hashlib.md5(data).hexdigest()
+
+
+def test_atomic_dir_removes_what_a_killed_run_left(tmp_path):
+    stale = tmp_path / ".model-abc123"
+    (stale / "half").mkdir(parents=True)
+    (tmp_path / ".modelling-keep").mkdir()
+    with atomic_dir(tmp_path / "model") as staging:
+        (staging / "model.keras").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".modelling-keep", "model"]
