@@ -66,6 +66,6 @@ def stage_outputs() -> dict[str, list[Path]]:
             MODEL / name
             for name in (KERAS_MODEL, MODEL_SPEC, MODEL_CARD, MODEL_CARD_MD, CURVES, CANDIDATES, VAL_METRICS, HISTORY)
         ],
-        "evaluate": [EVAL / PLOTS, EVAL / TEST_METRICS, EVAL / GATE],
+        "evaluate": [EVAL / PLOTS, EVAL / TEST_METRICS, EVAL / GATE, EVAL / CHAMPION_METRICS],
         "register": [REGISTRY / REGISTRATION],
     }

@@ -51,3 +51,42 @@ def test_top_level_plots_read_stage_outputs(entry):
     outputs = [out for stage in paths.stage_outputs().values() for out in stage]
     for file in plot_files(entry):
         assert any(file == out or out in file.parents for out in outputs), file
+
+
+STAGE_MODULES = {
+    "validate": "validation",
+    "preprocess": "preprocess",
+    "train": "training",
+    "evaluate": "evaluation",
+    "register": "registry",
+}
+
+
+def imported_modules(module: str) -> set[str]:
+    """Every agegender module `module` imports, at the top or inside functions, transitively."""
+    import ast
+
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = ast.parse(module_file(name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("agegender"):
+                parts = [node.module] if node.module != "agegender" else [f"agegender.{a.name}" for a in node.names]
+                todo += [p.removeprefix("agegender.") for p in parts]
+    return seen
+
+
+def module_file(name: str) -> Path:
+    base = PROJECT / "src" / "agegender" / Path(*name.split("."))
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_deps_name_every_module_the_stage_imports(stage):
+    declared = {str(p) for p in names(STAGES[stage]["deps"])}
+    needed = {str(module_file(m).relative_to(PROJECT)) for m in imported_modules(STAGE_MODULES[stage])}
+    assert sorted(needed - declared) == [], f"add these to the deps of stage {stage!r} in dvc.yaml"
