@@ -8,10 +8,13 @@ champion is picked up without a restart; the demo page works in headless Chromiu
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import io
 import json
 import os
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -50,7 +53,13 @@ TINY = {
     "preprocess": {"image_size": 32},
     "train": {"width": 8, "epochs": 3, "batch_size": 32, "warmup_epochs": 0, "patience": 3},
     "gates": OPEN_GATES,
-    "serve": {"reload_seconds": 2, "max_upload_mb": 2, "max_megapixels": 4},
+    "serve": {
+        "reload_seconds": 2,
+        "max_upload_mb": 2,
+        "max_megapixels": 4,
+        "max_request_megapixels": 6,
+        "upload_timeout_s": 3,
+    },
 }
 
 
@@ -69,12 +78,13 @@ def store_uri(repo: Path) -> str:
     return f"sqlite:///{repo / 'mlflow.db'}"
 
 
-@pytest.fixture(scope="module")
-def server(champion_repo, tmp_path_factory):
-    port, log = free_port(), tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri(champion_repo)}
+@contextlib.contextmanager
+def serving(repo: Path, params: Path, log: Path):
+    """A real `bentoml serve` of the repo's champion with these params, until the block ends."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri(repo)}
     args = [str(BIN / "bentoml"), "serve", "service.service:AgeGender", "--host", "127.0.0.1", "--port", str(port)]
-    process = start([*args, "--arg", f"params={champion_repo / 'params.yaml'}"], cwd=PROJECT, env=env, log=log)
+    process = start([*args, "--arg", f"params={params}"], cwd=PROJECT, env=env, log=log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(
@@ -83,6 +93,12 @@ def server(champion_repo, tmp_path_factory):
         yield {"url": url, "process": process, "log": log}
     finally:
         stop(process)
+
+
+@pytest.fixture(scope="module")
+def server(champion_repo, tmp_path_factory):
+    with serving(champion_repo, champion_repo / "params.yaml", tmp_path_factory.mktemp("serve") / "serve.log") as s:
+        yield s
 
 
 def multipart(fields: list[tuple[str, str, bytes, str]]) -> tuple[bytes, str]:
@@ -100,10 +116,12 @@ def multipart(fields: list[tuple[str, str, bytes, str]]) -> tuple[bytes, str]:
     return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def post(url: str, route: str, data: bytes | None = None, *, field="image", content_type=None, body=None):
+def post(
+    url: str, route: str, data: bytes | None = None, *, field="image", content_type=None, body=None, name="upload.jpg"
+):
     """(status, headers, body bytes) of a POST; `data` goes in as one multipart file."""
     if body is None:
-        body, content_type = multipart([(field, "upload.jpg", data, "image/jpeg")])
+        body, content_type = multipart([(field, name, data, "image/jpeg")])
     request = urllib.request.Request(f"{url}/{route}", data=body, method="POST")
     request.add_header("Content-Type", content_type)
     try:
@@ -163,9 +181,9 @@ def test_annotate_returns_the_image_with_boxes_and_batch_answers_each_image(serv
     assert status == 200 and [len(r["faces"]) >= n for r, n in zip(results, (2, 1), strict=True)] == [True, True]
 
 
-def image_bytes(array: np.ndarray, fmt: str) -> bytes:
+def image_bytes(array: np.ndarray, fmt: str, **options) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format=fmt)
+    Image.fromarray(array).save(buf, format=fmt, **options)
     return buf.getvalue()
 
 
@@ -180,6 +198,8 @@ def test_every_image_kind_decodes_and_a_faceless_image_gives_an_empty_list(serve
         "bmp": image_bytes(chip, "BMP"),
         "gray": image_bytes(cv2.cvtColor(chip, cv2.COLOR_RGB2GRAY), "PNG"),
         "png-16-bit": cv2.imencode(".png", gray16)[1].tobytes(),
+        # what many cameras write: a JPEG with a second picture appended
+        "mpo": image_bytes(chip, "MPO", save_all=True, append_images=[Image.fromarray(chip[::-1])]),
     }
     for kind, data in kinds.items():
         status, _, body = post(server["url"], "predict", data)
@@ -195,8 +215,8 @@ BAD_UPLOADS = {
     "truncated jpeg": (None, 400, "truncated"),
     "zero bytes": (b"", 400, "0 bytes"),
     "decompression bomb": (bomb_png(30000), 413, "too large"),
-    "absurd size": (bomb_png(5000), 413, "too large: 5000x5000"),
-    "over max_upload_mb": (b"\xff\xd8\xff" + os.urandom(3 * 2**20), 413, "over the limit"),
+    "absurd size": (bomb_png(5000), 413, "too large: 5000x5000 (25.0 megapixels), over serve.max_megapixels = 4"),
+    "over max_upload_mb": (b"\xff\xd8\xff" + os.urandom(3 * 2**20), 413, "over serve.max_upload_mb = 2 MB"),
 }
 
 
@@ -227,6 +247,114 @@ def test_bad_uploads_get_a_4xx_that_names_the_problem_and_the_service_lives_on(s
     assert server["process"].poll() is None, tail(server["log"])
     status, _, body = post(server["url"], "predict", good)
     assert status == 200 and len(json.loads(body)["faces"]) == 1
+
+
+def test_uploads_are_files_never_urls_and_their_names_do_not_matter(server):
+    """A text value is refused, never fetched; a 300-byte file name works; extra files are a 4xx."""
+    hits = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+    bait = http.server.HTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=bait.serve_forever, daemon=True).start()
+    try:
+        for text in ("hello", f"http://127.0.0.1:{bait.server_port}/photo.jpg"):
+            body = f'--b\r\nContent-Disposition: form-data; name="image"\r\n\r\n{text}\r\n--b--\r\n'.encode()
+            status, _, answer = post(
+                server["url"], "predict", body=body, content_type="multipart/form-data; boundary=b"
+            )
+            assert status == 400 and "must be a file" in json.loads(answer)["error"], answer
+    finally:
+        bait.shutdown()
+    assert hits == [], "the service fetched a URL a client named"
+
+    good, _ = scene_bytes(count=1, seed=2)
+    status, _, answer = post(server["url"], "predict", good, name="a" * 300 + ".png")
+    assert status == 200 and len(json.loads(answer)["faces"]) == 1
+    two, content_type = multipart([("image", "a.png", good, "image/png")] * 2)
+    status, _, answer = post(server["url"], "predict", body=two, content_type=content_type)
+    assert status == 400 and "takes one" in json.loads(answer)["error"]
+    many, content_type = multipart([("images", "a.png", good, "image/png")] * 17)
+    status, _, answer = post(server["url"], "predict_batch", body=many, content_type=content_type)
+    assert status == 413 and "over serve.max_batch_images = 16" in json.loads(answer)["error"]
+
+
+def test_pixels_are_budgeted_per_request_from_the_headers(server):
+    """Two 3.6-megapixel images pass serve.max_megapixels = 4 each but not serve.max_request_megapixels = 6."""
+    flat = image_bytes(np.full((1800, 2000, 3), 90, np.uint8), "PNG")
+    body, content_type = multipart([("images", "a.png", flat, "image/png")] * 2)
+    status, _, answer = post(server["url"], "predict_batch", body=body, content_type=content_type)
+    assert status == 413, answer
+    assert "7.2 megapixels, over serve.max_request_megapixels = 6" in json.loads(answer)["error"]
+    body, content_type = multipart([("images", "a.png", flat, "image/png")])
+    assert post(server["url"], "predict_batch", body=body, content_type=content_type)[0] == 200
+
+
+def test_a_stalled_upload_gets_408_after_the_upload_timeout(server):
+    port = int(server["url"].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        sock.sendall(f"{head}Content-Length: 5000\r\n\r\n--b\r\n".encode())
+        started = time.monotonic()
+        answer = sock.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408") and "serve.upload_timeout_s = 3 s" in answer, answer
+    assert 2.5 < time.monotonic() - started < 15
+
+
+def test_overload_and_an_unreachable_model_service_answer_503_with_retry_after(champion_repo, tmp_path):
+    """A server of its own with serve.max_latency_ms = 300: 64 clients at once are shed, not served late."""
+    import psutil
+
+    params = tmp_path / "params.yaml"
+    shutil.copyfile(champion_repo / "params.yaml", params)
+    set_params(tmp_path, {"serve": {"max_latency_ms": 300}})
+    data, _ = scene_bytes(count=2, seed=3)
+    with serving(champion_repo, params, tmp_path / "serve.log") as served:
+        answers, lock = [], threading.Lock()
+
+        def client():
+            for _ in range(3):
+                status, headers, body = post(served["url"], "predict", data)
+                with lock:
+                    answers.append((status, headers.get("retry-after"), body))
+
+        clients = [threading.Thread(target=client) for _ in range(64)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join(timeout=300)
+        statuses = [status for status, _, _ in answers]
+        assert len(answers) == 192 and set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses
+        for status, retry_after, body in answers:
+            if status == 503:
+                assert retry_after == "1" and "over serve.max_latency_ms = 300 ms" in json.loads(body)["error"]
+
+        # The model service down and its socket gone: a 503 that says so, then recovery once it is back.
+        family = psutil.Process(served["process"].pid).children(recursive=True)
+        front = next(p for p in family if "AgeGender" in p.cmdline())
+        socket_path = Path(json.loads(front.environ()["BENTOML_RUNNER_MAP"])["FaceModel"].removeprefix("file://"))
+        socket_path.rename(socket_path.with_suffix(".away"))
+        try:
+            face_model = next(p for p in family if "FaceModel" in p.cmdline())
+            face_model.kill()  # its pooled connections die with it; new ones find no socket
+            face_model.wait(timeout=30)
+            status, headers, body = post(served["url"], "predict", data)
+        finally:
+            socket_path.with_suffix(".away").rename(socket_path)
+        assert status == 503 and headers["retry-after"] == "1", body
+        assert "model service is not reachable" in json.loads(body)["error"]
+        assert "No such file or directory" in json.loads(body)["error"]
+        wait_until(
+            lambda: post(served["url"], "predict", data)[0] == 200,
+            what="the restarted model service answers",
+            seconds=180,
+            process=served["process"],
+            log=served["log"],
+        )
 
 
 def test_metadata_names_the_model_and_its_data_version(server, champion_repo):
