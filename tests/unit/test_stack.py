@@ -12,6 +12,7 @@ import pytest
 from agegender.config import ConfigError, StackParams, StackPorts, load_params
 from agegender.stack import StackError, _alive, check_ports, client_env, ensure_secrets, read_secrets
 from tests.conftest import free_port
+from tests.e2e.test_team_stack import free_port_block
 
 
 def test_secrets_are_generated_once_and_readable_only_by_their_owner(tmp_path: Path):
@@ -48,15 +49,19 @@ def test_env_before_the_stack_was_ever_up_says_how_to_start_it(tmp_path: Path):
     ],
 )
 def test_a_taken_port_is_named_with_its_setting(service: str, key: str, offset: int):
+    seaweed = free_port_block(7)
+    ports = {
+        "postgres": free_port(),
+        "s3": free_port(),
+        "mlflow": free_port(),
+        "prefect": free_port(),
+        "seaweed": seaweed,
+    }
+    taken = ports[key] + offset
+    cfg = StackParams(ports=StackPorts(**ports))
     with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
+        holder.bind(("127.0.0.1", taken))
         holder.listen()
-        taken = holder.getsockname()[1]
-        ports = {"postgres": free_port(), "s3": free_port(), "mlflow": free_port(), "prefect": free_port()}
-        ports[key] = taken - offset
-        if key != "seaweed":
-            ports["seaweed"] = 20000 + taken % 10000
-        cfg = StackParams(ports=StackPorts(**ports))
         with pytest.raises(StackError, match=rf"port {taken} on 127\.0\.0\.1 is already taken.*stack\.ports\.{key}"):
             check_ports(cfg, [service])
         others = [name for name in ("postgres", "s3", "mlflow", "prefect") if name != service]
@@ -70,16 +75,20 @@ def test_ports_that_overlap_seaweeds_range_are_refused(tmp_path: Path):
         load_params(params)
 
 
+def wait_for(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 def test_a_pid_counts_only_while_it_runs_the_program_and_is_no_zombie():
     process = subprocess.Popen(["sleep", "30"])
     try:
-        assert _alive(process.pid, "sleep")
+        wait_for(lambda: _alive(process.pid, "sleep"))  # until the fork has exec'd sleep
         assert not _alive(process.pid, "weed")  # a pid file pointing at a reused pid
         process.kill()
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for(lambda: Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z")
         assert not _alive(process.pid, "sleep")  # dead but not reaped yet
     finally:
         process.kill()
