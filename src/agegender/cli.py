@@ -52,7 +52,7 @@ def params_or_exit(path: Path) -> Params:
 def ingest_command(
     source: str = typer.Argument(
         ...,
-        help="'demo', a UTKFace folder or .tar.gz/.zip archive, a CSV manifest (path,age,gender[,race]), or an http(s)/s3/gs URL of an archive.",
+        help="'demo', a UTKFace folder or .tar.gz/.zip archive, a CSV manifest (path,age,gender[,race]), or an http(s)/s3 URL of an archive.",
     ),
     append: bool = typer.Option(False, "--append", help="Add to the current dataset, skipping images already present."),
     replace: bool = typer.Option(

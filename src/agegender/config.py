@@ -251,6 +251,13 @@ class Params(Section):
                 ) from None
         return self
 
+    def model_settings(self, exclude: frozenset[str] = frozenset()) -> dict:
+        """The sections that make a model, as MLflow logs them and the registry hashes them.
+
+        `stack` says where the team's servers run, not how a model is made: it is left out.
+        """
+        return self.model_dump(by_alias=True, mode="json", exclude={"stack", *exclude})
+
     def candidate_train(self, candidate: Candidate) -> TrainParams:
         """The train section with the candidate's overrides applied (nested sections merged)."""
         merged = self.train.model_dump(mode="json")

@@ -96,7 +96,9 @@ def check_retrain(root: Path, force: bool) -> pipeline.RetrainDecision:
     model_name = load_params(root / "params.yaml").registry.model_name
     configure_tracking(root, os.environ.get("MLFLOW_TRACKING_URI"))
     champion = None if force else champion_info(mlflow.MlflowClient(), model_name)
-    decision = pipeline.decide_retrain(data_version(root / paths.DATA_DVC), champion, force=force, model_name=model_name)
+    decision = pipeline.decide_retrain(
+        data_version(root / paths.DATA_DVC), champion, force=force, model_name=model_name
+    )
     get_run_logger().info("%s: %s", "Retraining" if decision.retrain else "Not retraining", decision.reason)
     return decision
 

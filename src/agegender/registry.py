@@ -196,7 +196,7 @@ def run_register_stage(root: Path, params: Params, *, tracking_uri: str | None) 
 
 def hash_params(params: Params) -> str:
     """A short hash of every parameter, tagged on each version to tell runs with equal params."""
-    return hashlib.sha256(params.model_dump_json(by_alias=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(params.model_settings(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def register_candidate(

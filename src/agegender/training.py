@@ -126,7 +126,7 @@ def train_candidates(
     with atomic_dir(out_dir) as staging:
         with mlflow.start_run(run_name=run_name) as parent:
             mlflow.set_tags({"data_version": data_version, "git_commit": git_commit, "role": "parent"})
-            mlflow.log_params(flatten(params.model_dump(by_alias=True, mode="json", exclude={"candidates"})))
+            mlflow.log_params(flatten(params.model_settings(exclude=frozenset({"candidates"}))))
             for candidate in params.candidates:
                 cfg = params.candidate_train(candidate)
                 check_inputs(train, val, params.preprocess.image_size, cfg.batch_size)
@@ -209,7 +209,7 @@ def train_one(
                 {
                     "candidate": name,
                     "train": cfg.model_dump(mode="json"),
-                    **params.model_dump(by_alias=True, mode="json", exclude={"train", "candidates"}),
+                    **params.model_settings(exclude=frozenset({"train", "candidates"})),
                 }
             )
         )

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from agegender.config import ConfigError, load_params
+from agegender.config import ConfigError, Params, load_params
 from tests.conftest import PROJECT
 
 
@@ -64,3 +64,13 @@ def test_candidate_overrides_merge_into_train(tmp_path):
     merged = params.candidate_train(params.candidates[0])
     assert merged.width == 48 and merged.augment.flip is False
     assert merged.augment.zoom == params.train.augment.zoom
+
+
+def test_where_the_stack_runs_is_not_a_model_setting():
+    from agegender.registry import hash_params
+
+    here = Params()
+    elsewhere = Params.model_validate({"stack": {"host": "10.0.0.5"}})
+    assert "stack" not in here.model_settings() and "train" in here.model_settings()
+    assert hash_params(here) == hash_params(elsewhere)
+    assert hash_params(here) != hash_params(Params.model_validate({"train": {"epochs": 3}}))

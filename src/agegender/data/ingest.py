@@ -187,7 +187,7 @@ def read_items(
         if not archive.exists():
             raise SourceError(
                 f"{source}: no such file or folder (expected 'demo', a UTKFace folder or archive, "
-                "a CSV manifest, or an http(s)/s3/gs URL)"
+                "a CSV manifest, or an http(s)/s3 URL)"
             )
         if archive.is_dir() or archive.suffix.lower() == ".csv":
             if sha256:

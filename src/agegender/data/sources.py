@@ -17,7 +17,7 @@ from pathlib import Path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
-URL_SCHEMES = ("http://", "https://", "s3://", "gs://")
+URL_SCHEMES = ("http://", "https://", "s3://")
 UTKFACE_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_\d+")
 MANIFEST_COLUMNS = ("path", "age", "gender")
 SHOWN_PROBLEMS = 5  # an error lists this many offending files or lines, then counts the rest
@@ -211,7 +211,7 @@ def check_sha256(archive: Path, expected: str, *, origin: str | None = None) -> 
 
 
 def download(url: str, dest_dir: Path, *, connect_timeout: float, read_timeout: float) -> Path:
-    """Fetch the archive at url (http, https, s3, gs) into dest_dir with fsspec.
+    """Fetch the archive at url (http, https, s3) into dest_dir with fsspec.
 
     An http(s) download fails when connecting takes longer than connect_timeout or no byte
     arrives for read_timeout seconds, and when the body is shorter than its Content-Length.

@@ -33,7 +33,6 @@ def track_dataset(repo_root: Path, data_dir: Path) -> None:
 
 def push_dataset(repo_root: Path, data_dir: Path) -> str | None:
     """Push the dataset to the default DVC remote; returns the remote's name, or None if none is set."""
-    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     with Repo(str(repo_root)) as repo:
@@ -42,7 +41,7 @@ def push_dataset(repo_root: Path, data_dir: Path) -> str | None:
             return None
         try:
             repo.push(targets=[str(data_dir.with_suffix(".dvc"))])
-        except DvcException as err:
+        except Exception as err:  # DVC's errors, and its remotes' that it lets through (botocore, OSError)
             raise VersioningError(f"dvc push to remote '{remote}' failed: {err}") from err
     return remote
 
@@ -58,17 +57,22 @@ def data_version(dvc_file: Path) -> str:
 def pull_dataset(repo_root: Path, data_dir: Path) -> bool:
     """Check out the dataset data.dvc names, from the cache or the default remote.
 
-    Returns False (and changes nothing) when there is no data.dvc or no copy of it can be found.
+    Returns False (and changes nothing) when there is no data.dvc or no copy of it exists. A
+    remote that cannot be reached is an error, not a missing copy: falling back to a fresh
+    ingest then would replace the team's data version.
     """
-    from dvc.exceptions import DvcException
+    from dvc.exceptions import CheckoutError
     from dvc.repo import Repo
 
     dvc_file = data_dir.with_suffix(".dvc")
     if not dvc_file.exists():
         return False
     with Repo(str(repo_root)) as repo:
+        remote = repo.config["core"].get("remote")
         try:
             repo.pull(targets=[str(dvc_file)])
-        except DvcException:
+        except CheckoutError:
             return False
+        except Exception as err:  # DVC's errors, and its remotes' that it lets through (botocore, OSError)
+            raise VersioningError(f"dvc pull of {dvc_file.name} from remote '{remote}' failed: {err}") from err
     return True
