@@ -111,14 +111,8 @@ def test_bad_training_input_replaces_no_model(trained_repo):
     model = trained_repo / "artifacts/model"
     before = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in model.iterdir()}
 
-    set_params(trained_repo, {"preprocess": {"image_size": 48}})
-    mismatch = run("agegender", "train", cwd=trained_repo, check=False)
-    assert mismatch.returncode == 1 and "preprocess.image_size is 48" in mismatch.stderr
-    set_params(trained_repo, {"preprocess": {"image_size": 32}, "train": {"batch_size": 4096}})
-    too_few = run("agegender", "train", cwd=trained_repo, check=False)
-    assert too_few.returncode == 1 and "fewer than train.batch_size=4096" in too_few.stderr
-
-    set_params(trained_repo, {"train": {"batch_size": 32}})
+    # The input checks themselves are unit tests (tests/unit/test_training.py); here, one that
+    # only shows in training: a corrupt label cache makes the loss nan.
     cache = trained_repo / "artifacts/prepared/train.npz"
     split = dict(np.load(cache))
     split["age"][:] = np.nan  # a corrupt label cache: the loss cannot be finite

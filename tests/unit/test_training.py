@@ -1,0 +1,31 @@
+"""Training refuses inputs it cannot learn from, before any model is built."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agegender.training import TrainingError, check_inputs
+
+
+def split(count: int, side: int = 32) -> dict:
+    return {"images": np.zeros((count, side, side, 3), np.uint8), "age": np.zeros(count), "gender": np.zeros(count)}
+
+
+@pytest.mark.parametrize(
+    ("train", "val", "batch_size", "message"),
+    [
+        (split(0), split(4), 2, "the train split is empty"),
+        (split(8), split(0), 2, "the val split is empty"),
+        (split(8, side=48), split(4), 2, r"the train crops are \(48, 48, 3\), but preprocess.image_size is 32"),
+        (split(8), split(4, side=48), 2, "the val crops are"),
+        (split(8), split(4), 64, "the train split has 8 faces, fewer than train.batch_size=64"),
+    ],
+)
+def test_bad_inputs_are_refused_with_their_reason(train, val, batch_size, message):
+    with pytest.raises(TrainingError, match=message):
+        check_inputs(train, val, image_size=32, batch_size=batch_size)
+
+
+def test_good_inputs_pass():
+    check_inputs(split(8), split(4), image_size=32, batch_size=8)
