@@ -81,7 +81,7 @@ def ingest_command(
             sha256=sha256,
             checks=params.data.ingest,
         )
-        report_fetch(result)
+    console.print(result.summary, markup=False)
 
 
 @data_app.command("fetch")
@@ -94,7 +94,8 @@ def fetch_command(params_file: Path = PARAMS) -> None:
         f"Fetching the dataset named by data.dvc (dvc pull), else ingesting data.source={params.data.source!r}"
     )
     with data_errors():
-        report_fetch(fetch_dataset(Path.cwd(), params.data.source, params.data.demo, params.data.ingest))
+        result = fetch_dataset(Path.cwd(), params.data.source, params.data.demo, params.data.ingest)
+    console.print(result.summary, markup=False)
 
 
 @contextmanager
@@ -106,26 +107,6 @@ def data_errors():
         yield
     except (SourceError, VersioningError, OSError) as err:
         raise fail(f"{err}\nNothing was changed in {paths.DATA}/.") from None
-
-
-def report_fetch(result: dict) -> None:
-    if result["how"] == "dvc pull":
-        console.print(f"{paths.DATA}/ is at DVC version {result['data_version']} (dvc pull)")
-        return
-    console.print(
-        f"{result['added']} images added, {result['skipped_duplicates']} skipped (content already present), "
-        f"{result['total']} in {paths.DATA / paths.LABELS}; DVC version {result['data_version']} in data.dvc"
-    )
-    if result["demo"]:
-        console.print("[yellow]This is the procedurally drawn DEMO dataset, not real faces.[/]")
-    if result["push_error"]:
-        console.print(
-            f"[yellow]warning:[/] {result['push_error']}; the dataset is tracked locally, run `dvc push` later"
-        )
-    else:
-        console.print(
-            f"Pushed to DVC remote '{result['remote']}'" if result["remote"] else "No DVC remote set: not pushed"
-        )
 
 
 @app.command("validate")

@@ -81,8 +81,8 @@ def fetch_data(root: Path) -> str:
 
     params = load_params(root / "params.yaml")
     result = fetch_dataset(root, params.data.source, params.data.demo, params.data.ingest)
-    get_run_logger().info("data/: %s (DVC version %s)", result["how"], result["data_version"])
-    return result["how"]
+    get_run_logger().info(result.summary)
+    return result.how
 
 
 @task(name="check-data-version", **RETRIES)

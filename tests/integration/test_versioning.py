@@ -31,8 +31,8 @@ def test_ingest_with_the_remote_down_tracks_locally_and_says_push_failed(unreach
     result = ingest_tracked(
         repo, str(copy_utk_subset(tmp_path / "utk", count=20)), append=False, demo=DATA.demo, checks=DATA.ingest
     )
-    assert result["added"] == 22 and result["remote"] is None
-    assert "dvc push to remote 'team' failed" in result["push_error"]
+    assert result.added == 22 and result.remote is None
+    assert "dvc push to remote 'team' failed" in result.push_error
     assert (repo / "data.dvc").exists()
 
 
