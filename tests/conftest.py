@@ -1,15 +1,18 @@
-"""Shared fixtures: the real UTKFace images from ../shared and throwaway git + DVC repos."""
+"""Shared fixtures: the real UTKFace images from ../shared, throwaway git + DVC repos, the team stack."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -180,3 +183,118 @@ def make_project_repo(tmp_path: Path) -> Path:
     run("git", "add", "-A", cwd=repo)
     run("git", "commit", "-qm", "init", cwd=repo)
     return repo
+
+
+# ---------------------------------------------------------------- the team stack
+
+SEAWEED_PORTS = 7  # SeaweedFS's internal servers: stack.ports.seaweed and the 6 ports after it
+
+
+@dataclass
+class TeamStack:
+    """One `agegender stack up` for the whole session: PostgreSQL, S3, MLflow and Prefect servers."""
+
+    root: Path  # the stack's folder (absolute stack.dir)
+    settings: dict  # the `stack` section of params.yaml that names it
+    params: Path  # a params.yaml with that section, for `agegender stack ... --params`
+    env: dict  # os.environ plus what `agegender stack env` exports
+
+    @property
+    def mlflow(self) -> str:
+        return self.env["MLFLOW_TRACKING_URI"]
+
+    @property
+    def s3(self) -> str:
+        return self.env["FSSPEC_S3_ENDPOINT_URL"]
+
+    @property
+    def ports(self) -> dict:
+        return self.settings["ports"]
+
+
+def free_port_block(size: int) -> int:
+    """The first of `size` consecutive free ports (SeaweedFS's internal servers)."""
+    for _ in range(200):
+        first = free_port()
+        if first + size > 65535:
+            continue
+        try:
+            for port in range(first, first + size):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise AssertionError(f"no block of {size} free ports found")
+
+
+def stack_ports() -> dict:
+    return {
+        "postgres": free_port(),
+        "s3": free_port(),
+        "mlflow": free_port(),
+        "prefect": free_port(),
+        "seaweed": free_port_block(SEAWEED_PORTS),
+    }
+
+
+def exported(text: str) -> dict:
+    """The variables `export K=V` lines set, as a shell's eval would."""
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("export "):
+            key, _, value = line.removeprefix("export ").partition("=")
+            values[key] = shlex.split(value)[0]
+    return values
+
+
+def stop_leftovers(root: Path) -> None:
+    """Backstop after `stack down`: nothing the stack started may outlive the tests."""
+    for pid_file in (root / "run").glob("*.pid"):
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    pid_file = root / "postgres" / "data" / "postmaster.pid"
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text().split()[0]), signal.SIGQUIT)  # PostgreSQL's immediate shutdown
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+@pytest.fixture(scope="session")
+def team_stack() -> TeamStack:
+    """The team stack on free ports, started once and always stopped (also when a test fails)."""
+    # The postgres user must reach the stack's folder; pytest's own temporary root is private (0700).
+    outer = Path(tempfile.mkdtemp(prefix="agegender-stack-"))
+    outer.chmod(0o711)
+    root = outer / "stack"
+    settings = {"dir": str(root), "host": "127.0.0.1", "ports": stack_ports()}
+    params = outer / "params.yaml"
+    shutil.copyfile(PROJECT / "params.yaml", params)
+    set_params(outer, {"stack": settings})
+    try:
+        started = time.monotonic()
+        run("agegender", "stack", "up", "--params", str(params), cwd=outer)
+        print(f"stack up in {time.monotonic() - started:.0f} s")
+        env = {**os.environ, **exported(run("agegender", "stack", "env", "--params", str(params), cwd=outer).stdout)}
+        yield TeamStack(root=root, settings=settings, params=params, env=env)
+    finally:
+        started = time.monotonic()
+        down = run("agegender", "stack", "down", "--params", str(params), cwd=outer, check=False)
+        print(f"stack down in {time.monotonic() - started:.0f} s: {down.stderr}")
+        stop_leftovers(root)
+        shutil.rmtree(outer, ignore_errors=True)
+
+
+def start_stack(stack: TeamStack) -> subprocess.CompletedProcess:
+    """`agegender stack up`: starts the services a test stopped, keeps the running ones."""
+    return run("agegender", "stack", "up", "--params", str(stack.params), cwd=stack.params.parent)
+
+
+def use_team_remote(repo: Path, stack: TeamStack) -> None:
+    """Make the stack's S3 bucket the repo's default DVC remote and commit it (README: Run as a team)."""
+    run("dvc", "remote", "add", "-d", "team", "s3://agegender-dvc", cwd=repo)
+    run("dvc", "remote", "modify", "team", "endpointurl", stack.s3, cwd=repo)
+    run("git", "commit", "-qm", "DVC remote: the team's S3 bucket", ".dvc/config", cwd=repo)
