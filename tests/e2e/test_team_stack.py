@@ -6,16 +6,15 @@ of a push, and ports already taken.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import tarfile
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -24,11 +23,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, free_port, make_project_repo, run, set_params, utkface_files
+from tests.conftest import (
+    BIN,
+    TeamStack,
+    make_project_repo,
+    run,
+    set_params,
+    stack_ports,
+    start,
+    stop,
+    tail,
+    use_team_remote,
+    utkface_files,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-SEAWEED_PORTS = 7
 
 
 @dataclass
@@ -39,82 +49,14 @@ class Stack:
     ports: dict
 
 
-def free_port_block(size: int) -> int:
-    """The first of `size` consecutive free ports (SeaweedFS's internal servers)."""
-    for _ in range(200):
-        first = free_port()
-        if first + size > 65535:
-            continue
-        try:
-            for port in range(first, first + size):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return first
-    raise AssertionError(f"no block of {size} free ports found")
-
-
-def stack_ports() -> dict:
-    return {
-        "postgres": free_port(),
-        "s3": free_port(),
-        "mlflow": free_port(),
-        "prefect": free_port(),
-        "seaweed": free_port_block(SEAWEED_PORTS),
-    }
-
-
-def exported(text: str) -> dict:
-    """The variables `export K=V` lines set, as a shell's eval would."""
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("export "):
-            key, _, value = line.removeprefix("export ").partition("=")
-            values[key] = shlex.split(value)[0]
-    return values
-
-
-def stop_leftovers(root: Path) -> None:
-    """Backstop after `stack down`: nothing the stack started may outlive the tests."""
-    for pid_file in (root / "run").glob("*.pid"):
-        try:
-            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
-    pid_file = root / "postgres" / "data" / "postmaster.pid"
-    if pid_file.exists():
-        try:
-            os.kill(int(pid_file.read_text().split()[0]), signal.SIGQUIT)  # PostgreSQL's immediate shutdown
-        except (ProcessLookupError, ValueError):
-            pass
-
-
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Stack:
-    # The postgres user must reach the stack's folder; pytest's own temporary root is private (0700).
-    outer = Path(tempfile.mkdtemp(prefix="agegender-stack-"))
-    outer.chmod(0o711)
-    root = outer / "stack"
+def stack(team_stack: TeamStack, tmp_path_factory) -> Stack:
+    """The session's stack, and a project whose params.yaml names it and whose DVC remote is its bucket."""
     repo = make_project_repo(tmp_path_factory.mktemp("team"))
-    ports = stack_ports()
-    set_params(repo, {"stack": {"dir": str(root), "host": "127.0.0.1", "ports": ports}})
-    try:
-        started = time.monotonic()
-        run("agegender", "stack", "up", cwd=repo)
-        print(f"stack up in {time.monotonic() - started:.0f} s")
-        env = {**os.environ, **exported(run("agegender", "stack", "env", cwd=repo).stdout)}
-        s3 = env["FSSPEC_S3_ENDPOINT_URL"]
-        run("dvc", "remote", "add", "-d", "team", "s3://agegender-dvc", cwd=repo)
-        run("dvc", "remote", "modify", "team", "endpointurl", s3, cwd=repo)
-        run("git", "commit", "-qam", "DVC remote: the team's S3 bucket", cwd=repo)
-        yield Stack(repo=repo, root=root, env=env, ports=ports)
-    finally:
-        started = time.monotonic()
-        down = run("agegender", "stack", "down", cwd=repo, check=False)
-        print(f"stack down in {time.monotonic() - started:.0f} s: {down.stderr}")
-        stop_leftovers(root)
-        shutil.rmtree(outer, ignore_errors=True)
+    set_params(repo, {"stack": team_stack.settings})
+    run("git", "commit", "-qam", "params: the team stack", cwd=repo)
+    use_team_remote(repo, team_stack)
+    return Stack(repo=repo, root=team_stack.root, env=team_stack.env, ports=team_stack.ports)
 
 
 def s3_client(stack: Stack):
@@ -328,3 +270,221 @@ def test_stack_up_names_a_port_that_is_already_taken(stack: Stack, tmp_path: Pat
     result = run("agegender", "stack", "up", "--params", str(params), cwd=tmp_path, check=False)
     assert result.returncode == 1
     assert f"port {stack.ports['postgres']} on 127.0.0.1 is already taken" in result.stderr, result.stderr
+
+
+# ---------------------------------------------------------------- registry faults
+
+FAULT_MODEL = "agegender-faults"  # a registered model of its own: the flow test's `agegender` is not touched
+GATE = {"absolute_pass": True, "full_pass": True, "has_champion": False, "checks": [], "summary": "pass (fault test)"}
+REGISTER_FLOW = """
+import sys
+from pathlib import Path
+
+from prefect import flow
+
+from agegender.flow import stage_task
+
+@flow(name="agegender-register-fault")
+def register(root: str) -> bool:
+    return stage_task("register")(Path(root), "register")
+
+register(sys.argv[1])
+"""
+
+
+@pytest.fixture(scope="module")
+def evaluated(stack: Stack, tmp_path_factory) -> Path:
+    """A project as the evaluate stage leaves it: a model logged on the stack's server, its gate and test metrics.
+
+    The logged model has no weights (the registry never loads it), so no training is needed.
+    """
+    import mlflow
+    from mlflow.entities import LoggedModelOutput
+
+    from agegender.tracking import configure_tracking
+
+    repo = make_project_repo(tmp_path_factory.mktemp("faults"))
+    set_params(repo, {"stack": {"dir": str(stack.root), "ports": stack.ports}, "registry": {"model_name": FAULT_MODEL}})
+    run("git", "commit", "-qam", "params: the team stack; the fault tests' model", cwd=repo)
+    configure_tracking(repo, stack.env["MLFLOW_TRACKING_URI"])
+    with mlflow.start_run(run_name="registry-faults") as active:
+        model = mlflow.create_external_model(name="model")
+    mlflow.MlflowClient().log_outputs(active.info.run_id, [LoggedModelOutput(model_id=model.model_id, step=0)])
+    write_evaluation(repo, active.info.run_id, data_version="faults-1")
+    return repo
+
+
+def write_evaluation(repo: Path, run_id: str, data_version: str) -> None:
+    files = {
+        "artifacts/model/card.json": {"mlflow_run_id": run_id, "data_version": data_version},
+        "artifacts/eval/metrics.json": {"age_mae": 9.5, "gender_accuracy": 0.8},
+        "artifacts/eval/gate.json": GATE,
+    }
+    for name, content in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(json.dumps(content))
+
+
+def fault_registry(stack: Stack):
+    from mlflow import MlflowClient
+
+    return MlflowClient(stack.env["MLFLOW_TRACKING_URI"], registry_uri=stack.env["MLFLOW_TRACKING_URI"])
+
+
+def registry_state(stack: Stack) -> dict:
+    """Every version with its status and tags, the aliases and the model's tags."""
+    client = fault_registry(stack)
+    model = client.get_registered_model(FAULT_MODEL)
+    versions = client.search_model_versions(f"name = '{FAULT_MODEL}'")
+    return {
+        "versions": {int(v.version): (v.status, dict(v.tags)) for v in versions},
+        "aliases": dict(model.aliases),
+        "tags": dict(model.tags),
+    }
+
+
+def assert_consistent(stack: Stack) -> dict:
+    """Aliases point only at complete READY versions, and nothing lists an incomplete one."""
+    from agegender.registry import COMPLETE_TAG, READY, list_versions
+
+    state = registry_state(stack)
+    for alias, number in state["aliases"].items():
+        status, tags = state["versions"][int(number)]
+        assert status == READY and COMPLETE_TAG in tags, f"{alias} points at unfinished version {number}: {state}"
+    complete = sorted((n for n, (_, tags) in state["versions"].items() if COMPLETE_TAG in tags), reverse=True)
+    assert [row["version"] for row in list_versions(fault_registry(stack), FAULT_MODEL)] == complete
+    return state
+
+
+@contextlib.contextmanager
+def register_flow(repo: Path, env: dict, log: Path):
+    """The flow's register task (`dvc repro --single-item register`, with its retries) in a Prefect flow run."""
+    process = start([str(BIN / "python"), "-c", REGISTER_FLOW, str(repo)], cwd=repo, env=env, log=log)
+    try:
+        yield process
+    finally:
+        stop(process)  # never left running behind a failed test
+
+
+def stop_mlflow(stack: Stack) -> None:
+    from agegender.stack import stop_services
+
+    stop_services(stack.root, ["mlflow"])
+
+
+def restart_stack(stack: Stack) -> None:
+    up = run("agegender", "stack", "up", cwd=stack.repo)
+    assert "starting" in up.stderr, up.stderr
+
+
+@pytest.mark.timeout(600)
+def test_the_mlflow_server_down_during_register_leaves_no_half_registered_version_and_the_flow_retry_completes_it(
+    stack: Stack, evaluated: Path, tmp_path: Path, monkeypatch
+):
+    from mlflow.exceptions import MlflowException
+
+    from agegender.registry import COMPLETE_TAG, RegistryError, promote, register_candidate
+
+    # One MLflow attempt per call (its default is 7 retries over minutes): the flow's retries are under test.
+    env = {**stack.env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    mlflow_url = stack.env["MLFLOW_TRACKING_URI"]
+    run("agegender", "register", cwd=evaluated, env=env)
+    before = assert_consistent(stack)
+    assert before["aliases"] == {"champion": "1", "challenger": "1"}
+
+    # The server is down: the stage fails naming it, and the registry is as it was.
+    stop_mlflow(stack)
+    try:
+        failed = run("agegender", "register", cwd=evaluated, env=env, check=False)
+    finally:
+        restart_stack(stack)
+    assert failed.returncode == 1, failed.stderr
+    last_words = " ".join(failed.stderr.split()[-60:])  # the error after the traceback, unwrapped
+    assert f"MlflowException: API request to {mlflow_url}/" in last_words and "Connection refused" in last_words
+    assert registry_state(stack) == before
+
+    # The server stops after the version is created with its tags and before any alias moves.
+    card = json.loads((evaluated / "artifacts/model/card.json").read_text())
+    run_id = card["mlflow_run_id"]
+    try:
+        with pytest.raises(MlflowException, match="Connection refused"):
+            register_candidate(
+                fault_registry(stack),
+                model_name=FAULT_MODEL,
+                model_uri=f"runs:/{run_id}/model",
+                run_id=run_id,
+                tags={"data_version": card["data_version"]},
+                decision=GATE,
+                before_alias=lambda: stop_mlflow(stack),
+            )
+    finally:
+        restart_stack(stack)
+    state = assert_consistent(stack)
+    status, tags = state["versions"][2]
+    assert COMPLETE_TAG not in tags and tags["data_version"] == "faults-1", "created with all its tags at once"
+    assert state["aliases"] == before["aliases"] and state["tags"] == before["tags"]
+    with pytest.raises(RegistryError, match="never finished registering"):
+        promote(fault_registry(stack), FAULT_MODEL, 2)
+
+    # The flow's register task with the server down: its first attempt fails, the retry after the
+    # restart removes the abandoned version and registers the candidate with its tags and aliases.
+    stop_mlflow(stack)
+    log = tmp_path / "flow.log"
+    with register_flow(evaluated, env, log) as flow:
+        try:
+            wait_until(
+                lambda: "Retry 1/2 will start" in log.read_text(),
+                what="a failed attempt",
+                seconds=180,
+                process=flow,
+                log=log,
+            )
+        finally:
+            restart_stack(stack)
+        assert flow.wait(timeout=240) == 0, tail(log)
+    registration = json.loads((evaluated / "artifacts/registry/registration.json").read_text())
+    assert (registration["version"], registration["removed"]) == (3, [2]), registration
+    state = assert_consistent(stack)
+    assert sorted(state["versions"]) == [1, 3]
+    assert state["aliases"] == {"champion": "3", "challenger": "3"}
+    tags = state["versions"][3][1]
+    assert {"data_version", "git_commit", "params_hash", "test_age_mae", "gate_summary", COMPLETE_TAG} <= set(tags)
+    assert json.loads(state["tags"]["champion_history"]) == [1]
+
+
+@pytest.mark.timeout(600)
+def test_postgres_restarted_mid_flow_is_a_clean_failure_or_a_retry_never_a_corrupt_registry(
+    stack: Stack, evaluated: Path, tmp_path: Path
+):
+    from agegender.stack import stop_services
+
+    env = {**stack.env, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    card = json.loads((evaluated / "artifacts/model/card.json").read_text())
+    write_evaluation(evaluated, card["mlflow_run_id"], data_version="faults-2")  # a new candidate: the stage is stale
+    before = assert_consistent(stack)
+
+    log = tmp_path / "flow.log"
+    with register_flow(evaluated, env, log) as flow:
+        try:
+            wait_until(
+                lambda: "dvc repro --single-item register" in log.read_text(),
+                what="the register stage starts",
+                seconds=180,
+                process=flow,
+                log=log,
+            )
+            stop_services(stack.root, ["postgres"])  # both the MLflow and the Prefect server lose their database
+        finally:
+            restart_stack(stack)
+        code = flow.wait(timeout=400)
+    print(f"the flow during the PostgreSQL restart exited {code}:\n{tail(log, 15)}")
+    state = assert_consistent(stack)
+    if code != 0:  # a clean failure leaves the aliases as they were; a rerun completes the registration
+        assert state["aliases"] == before["aliases"]
+        with register_flow(evaluated, env, tmp_path / "rerun.log") as rerun:
+            assert rerun.wait(timeout=400) == 0, tail(tmp_path / "rerun.log")
+        state = assert_consistent(stack)
+    newest = max(state["versions"])
+    assert state["aliases"] == {"champion": str(newest), "challenger": str(newest)}
+    assert state["versions"][newest][1]["data_version"] == "faults-2"
