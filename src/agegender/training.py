@@ -7,6 +7,7 @@ per-epoch metrics, data version, git commit, curves and the model with its signa
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -323,15 +324,18 @@ def compile_for_training(model: keras.Model, cfg: TrainParams, *, steps_per_epoc
 def make_augmenter(cfg: TrainParams) -> keras.Sequential:
     """Training-only augmentation with Keras' preprocessing layers, applied to whole batches."""
     aug = cfg.augment
-    steps = [keras.layers.RandomFlip("horizontal", seed=cfg.seed)] if aug.flip else []
+    # A seed per layer: layers given one seed draw the same numbers, so rotation, zoom,
+    # brightness and contrast would all move together (the most rotated image also the darkest).
+    seeds = itertools.count(cfg.seed)
+    steps = [keras.layers.RandomFlip("horizontal", seed=next(seeds))] if aug.flip else []
     if aug.rotation or aug.shift or aug.zoom:
-        steps.append(keras.layers.RandomRotation(aug.rotation, fill_mode="reflect", seed=cfg.seed))
-        steps.append(keras.layers.RandomTranslation(aug.shift, aug.shift, fill_mode="reflect", seed=cfg.seed))
-        steps.append(keras.layers.RandomZoom(aug.zoom, fill_mode="reflect", seed=cfg.seed))
+        steps.append(keras.layers.RandomRotation(aug.rotation, fill_mode="reflect", seed=next(seeds)))
+        steps.append(keras.layers.RandomTranslation(aug.shift, aug.shift, fill_mode="reflect", seed=next(seeds)))
+        steps.append(keras.layers.RandomZoom(aug.zoom, fill_mode="reflect", seed=next(seeds)))
     if aug.brightness:
-        steps.append(keras.layers.RandomBrightness(aug.brightness, value_range=(0, 255), seed=cfg.seed))
+        steps.append(keras.layers.RandomBrightness(aug.brightness, value_range=(0, 255), seed=next(seeds)))
     if aug.contrast:
-        steps.append(keras.layers.RandomContrast(aug.contrast, value_range=(0, 255), seed=cfg.seed))
+        steps.append(keras.layers.RandomContrast(aug.contrast, value_range=(0, 255), seed=next(seeds)))
     return keras.Sequential(steps, name="augment")
 
 
