@@ -2,7 +2,8 @@
 
 `compute_metrics` returns plain JSON types: flat scalars (see `scalar_metrics`) for MLflow
 and DVC, nested dicts for per-bucket, per-race and confusion-matrix detail. `decide_gates`
-compares two such dicts from the same test split against `GateParams`.
+compares two such dicts from the same test split against `GateParams`, and decides the
+improvement on a paired bootstrap of the two models' per-image errors (`compare_paired`).
 
 The gate is plain comparisons rather than `mlflow.validate_evaluation_results`: that call
 accepts EvaluationResult objects built from these metrics, but it reports failure as one
@@ -43,6 +44,8 @@ RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others"}
 MIN_GROUP_SIZE = 5  # smaller race groups give MAEs too noisy to gate on
 CS_YEARS = 5
 DIGITS = 4
+# Fixed, so the same two models on the same test split always get the same decision.
+BOOTSTRAP_SEED = 0
 
 
 def _round(value: float | None) -> float | None:
@@ -232,13 +235,62 @@ def _check(name: str, kind: str, value: float | None, threshold: float, passed: 
     return {"name": name, "kind": kind, "value": value, "threshold": threshold, "passed": passed}
 
 
-def decide_gates(candidate: dict, champion: dict | None, gates: GateParams) -> dict:
+def compare_paired(
+    champion_errors: np.ndarray, candidate_errors: np.ndarray, *, confidence: float, resamples: int
+) -> dict:
+    """Champion MAE - candidate MAE on the same test images, with a paired bootstrap interval.
+
+    Each resample draws the same images for both models, so an image's difficulty cancels
+    out and the interval shows only how sure this test split is of the difference. The
+    percentile interval, not BCa: BCa is undefined (nan) when the two error arrays are
+    equal, as they are when a model is compared with itself.
+    """
+    from scipy.stats import bootstrap
+
+    champion_errors, candidate_errors = np.asarray(champion_errors, float), np.asarray(candidate_errors, float)
+    if champion_errors.shape != candidate_errors.shape or champion_errors.size == 0:
+        raise ValueError(
+            f"per-image errors must be non-empty and of equal length, got {champion_errors.shape} "
+            f"and {candidate_errors.shape}"
+        )
+    interval = bootstrap(
+        (champion_errors, candidate_errors),
+        lambda champ, cand, axis: champ.mean(axis=axis) - cand.mean(axis=axis),
+        paired=True,
+        vectorized=True,
+        n_resamples=resamples,
+        confidence_level=confidence,
+        method="percentile",
+        random_state=np.random.default_rng(BOOTSTRAP_SEED),
+    ).confidence_interval
+    return {
+        "method": "paired bootstrap, percentile interval",
+        "statistic": "champion age MAE - candidate age MAE",
+        "n_images": champion_errors.size,
+        "resamples": resamples,
+        "confidence": confidence,
+        "seed": BOOTSTRAP_SEED,
+        "observed": _round(champion_errors.mean() - candidate_errors.mean()),
+        "interval": [_round(interval.low), _round(interval.high)],
+    }
+
+
+def decide_gates(
+    candidate: dict,
+    champion: dict | None,
+    gates: GateParams,
+    *,
+    candidate_errors: np.ndarray | None = None,
+    champion_errors: np.ndarray | None = None,
+) -> dict:
     """Gate a candidate's test metrics, and against the champion's on the same split.
 
     Check names follow GateParams: "max_*" passes when value <= threshold, "min_*" when
     value >= threshold. Relative values are differences to the champion: min_improvement
-    is champion MAE - candidate MAE, max_gender_accuracy_drop is champion - candidate
-    accuracy. With no champion, full_pass equals absolute_pass.
+    is the lower bound of the paired bootstrap interval of champion MAE - candidate MAE
+    (from the per-image absolute age errors, in the same image order; needed with a
+    champion), recorded in full as "improvement_test"; max_gender_accuracy_drop is the
+    observed champion - candidate accuracy. With no champion, full_pass equals absolute_pass.
     """
     gap = candidate["age_mae_group_gap"]
     checks = [
@@ -265,18 +317,18 @@ def decide_gates(candidate: dict, champion: dict | None, gates: GateParams) -> d
             gap is None or gap <= gates.max_group_gap,
         ),
     ]
+    improvement = None
     if champion is not None:
+        if candidate_errors is None or champion_errors is None:
+            raise ValueError("gating against a champion needs both models' per-image errors")
+        improvement = compare_paired(
+            champion_errors, candidate_errors, confidence=gates.confidence, resamples=gates.bootstrap_resamples
+        )
+        lower = improvement["interval"][0]
         # metrics carry 4 decimals; rounding the differences keeps exact-threshold ties exact
-        improvement = _round(champion["age_mae"] - candidate["age_mae"])
         drop = _round(champion["gender_accuracy"] - candidate["gender_accuracy"])
         checks += [
-            _check(
-                "min_improvement",
-                "relative",
-                improvement,
-                gates.min_improvement,
-                improvement >= gates.min_improvement,
-            ),
+            _check("min_improvement", "relative", lower, gates.min_improvement, lower >= gates.min_improvement),
             _check(
                 "max_gender_accuracy_drop",
                 "relative",
@@ -298,7 +350,13 @@ def decide_gates(candidate: dict, champion: dict | None, gates: GateParams) -> d
     else:
         summary = (
             f"passed all {len(checks)} checks; age MAE {candidate['age_mae']} improves on the "
-            f"champion's {champion['age_mae']} by {improvement}"
+            f"champion's {champion['age_mae']}"
+        )
+    if improvement is not None:
+        low, high = improvement["interval"]
+        summary += (
+            f"; champion - candidate age MAE {improvement['observed']}, {improvement['confidence']:.0%} "
+            f"interval [{low}, {high}] ({improvement['method']} over {improvement['n_images']} test images)"
         )
     return {
         "absolute_pass": absolute_pass,
@@ -306,6 +364,7 @@ def decide_gates(candidate: dict, champion: dict | None, gates: GateParams) -> d
         "has_champion": champion is not None,
         "checks": checks,
         "summary": summary,
+        "improvement_test": improvement,
     }
 
 
@@ -395,8 +454,14 @@ def evaluate_candidate(
     candidate = Predictor.from_path(model_dir)
     metrics, predictions = score_predictor(candidate, test, age_buckets)
     champion = Predictor.from_registry(champion_uri) if champion_uri else None
-    champion_metrics = score_predictor(champion, test, age_buckets)[0] if champion else None
-    decision = decide_gates(metrics, champion_metrics, gates)
+    champion_metrics, champion_predictions = score_predictor(champion, test, age_buckets) if champion else (None, None)
+    decision = decide_gates(
+        metrics,
+        champion_metrics,
+        gates,
+        candidate_errors=absolute_errors(predictions),
+        champion_errors=absolute_errors(champion_predictions) if champion else None,
+    )
     decision["champion"] = champion.info.version if champion else None
 
     with atomic_dir(out_dir) as staging:
@@ -431,6 +496,11 @@ def score_predictor(predictor, test: pd.DataFrame, age_buckets: list[int]) -> tu
     return metrics, predictions
 
 
+def absolute_errors(predictions: dict) -> np.ndarray:
+    """Per-image absolute age errors, in test-split order, from `score_predictor`'s predictions."""
+    return np.abs(np.asarray(predictions["age_pred"], float) - predictions["age_true"])
+
+
 def log_evaluation(eval_dir: Path, model_dir: Path) -> None:
     """Attach test metrics, plots and the gate decision to the winner's MLflow run."""
     import mlflow
@@ -453,6 +523,7 @@ def log_evaluation(eval_dir: Path, model_dir: Path) -> None:
             for c in decision["checks"]
         }
     )
+    tags.update({f"gate.improvement_test.{k}": v for k, v in (decision["improvement_test"] or {}).items()})
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value))
 

@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
 from agegender.config import GateParams, ValidateParams
-from agegender.evaluation import compute_metrics, decide_gates, save_plots, scalar_metrics
+from agegender.evaluation import compare_paired, compute_metrics, decide_gates, save_plots, scalar_metrics
 
 BUCKETS = ValidateParams().age_buckets  # 0-9, 10-19, 20-29, 30-44, 45-59, 60-116
 
@@ -175,8 +175,13 @@ GATES = GateParams(
     min_gender_accuracy=0.6,
     max_group_gap=10.0,
     min_improvement=0.05,
+    confidence=0.95,
+    bootstrap_resamples=2000,
     max_gender_accuracy_drop=0.01,
 )
+N_IMAGES = 500
+# Per-image absolute errors of a typical model: skewed, most small, a few large.
+BASE_ERRORS = np.random.default_rng(0).gamma(1.5, 3.0, N_IMAGES)
 
 
 def result(age_mae=10.0, gender_accuracy=0.8, gap: float | None = 2.0) -> dict:
@@ -184,14 +189,32 @@ def result(age_mae=10.0, gender_accuracy=0.8, gap: float | None = 2.0) -> dict:
     return {"age_mae": age_mae, "gender_accuracy": gender_accuracy, "age_mae_group_gap": gap}
 
 
+def shifted_errors(age_mae: float) -> np.ndarray:
+    """Errors with this MAE that differ from another model's by the same amount on every image."""
+    return BASE_ERRORS - BASE_ERRORS.mean() + age_mae
+
+
+def decide(candidate: dict, champion: dict | None, gates: GateParams = GATES) -> dict:
+    """The gate, with per-image errors that differ exactly by the two MAEs (a zero-width interval)."""
+    if champion is None:
+        return decide_gates(candidate, None, gates)
+    return decide_gates(
+        candidate,
+        champion,
+        gates,
+        candidate_errors=shifted_errors(candidate["age_mae"]),
+        champion_errors=shifted_errors(champion["age_mae"]),
+    )
+
+
 def failed(decision: dict) -> list[str]:
     return [c["name"] for c in decision["checks"] if not c["passed"]]
 
 
 def test_no_champion_pass():
-    decision = decide_gates(result(), None, GATES)
+    decision = decide(result(), None)
     assert decision["absolute_pass"] and decision["full_pass"]
-    assert not decision["has_champion"]
+    assert not decision["has_champion"] and decision["improvement_test"] is None
     assert [(c["name"], c["kind"]) for c in decision["checks"]] == [
         ("max_age_mae", "absolute"),
         ("min_gender_accuracy", "absolute"),
@@ -208,7 +231,7 @@ def test_no_champion_pass():
 
 
 def test_no_champion_fail_full_pass_follows_absolute():
-    decision = decide_gates(result(age_mae=20.0), None, GATES)
+    decision = decide(result(age_mae=20.0), None)
     assert decision["absolute_pass"] is decision["full_pass"] is False
     assert decision["summary"] == "failed max_age_mae: 20.0 > 15.0"
 
@@ -222,26 +245,26 @@ def test_no_champion_fail_full_pass_follows_absolute():
     ],
 )
 def test_each_absolute_check_fails_alone(candidate, check):
-    decision = decide_gates(candidate, result(age_mae=20.0, gender_accuracy=0.5), GATES)
+    decision = decide(candidate, result(age_mae=20.0, gender_accuracy=0.5))
     assert failed(decision) == [check]
     assert not decision["absolute_pass"] and not decision["full_pass"]
     assert check in decision["summary"]
 
 
 def test_absolute_thresholds_are_inclusive():
-    decision = decide_gates(result(age_mae=15.0, gender_accuracy=0.6, gap=10.0), None, GATES)
+    decision = decide(result(age_mae=15.0, gender_accuracy=0.6, gap=10.0), None)
     assert decision["full_pass"] and failed(decision) == []
 
 
 def test_no_measurable_group_gap_passes():
-    decision = decide_gates(result(gap=None), None, GATES)
+    decision = decide(result(gap=None), None)
     gap_check = next(c for c in decision["checks"] if c["name"] == "max_group_gap")
     assert gap_check["passed"] and gap_check["value"] is None
     assert decision["full_pass"]
 
 
 def test_champion_beaten_passes_with_relative_checks():
-    decision = decide_gates(result(age_mae=9.0), result(age_mae=10.0), GATES)
+    decision = decide(result(age_mae=9.0), result(age_mae=10.0))
     assert decision["has_champion"] and decision["absolute_pass"] and decision["full_pass"]
     relative = [c for c in decision["checks"] if c["kind"] == "relative"]
     assert relative == [
@@ -260,48 +283,132 @@ def test_champion_beaten_passes_with_relative_checks():
             "passed": True,
         },
     ]
-    assert "improves" in decision["summary"]
+    assert "improves" in decision["summary"] and "interval [1.0, 1.0]" in decision["summary"]
 
 
 def test_improvement_too_small_fails_only_the_relative_gate():
-    decision = decide_gates(result(age_mae=9.96), result(age_mae=10.0), GATES)
+    decision = decide(result(age_mae=9.96), result(age_mae=10.0))
     assert decision["absolute_pass"] and not decision["full_pass"]
     assert failed(decision) == ["min_improvement"]
-    assert decision["summary"] == "failed min_improvement: 0.04 < 0.05"
+    assert decision["summary"].startswith("failed min_improvement: 0.04 < 0.05; ")
 
 
 def test_worse_than_champion_fails():
-    decision = decide_gates(result(age_mae=11.0), result(age_mae=10.0), GATES)
+    decision = decide(result(age_mae=11.0), result(age_mae=10.0))
     assert failed(decision) == ["min_improvement"]
     assert decision["checks"][3]["value"] == -1.0
 
 
 def test_gender_drop_too_large_fails():
-    decision = decide_gates(result(age_mae=9.0, gender_accuracy=0.7899), result(), GATES)
+    decision = decide(result(age_mae=9.0, gender_accuracy=0.7899), result())
     assert failed(decision) == ["max_gender_accuracy_drop"]
     assert decision["absolute_pass"] and not decision["full_pass"]
 
 
 def test_relative_thresholds_are_exact_at_the_edge():
     # in floats 8.1 - 8.05 < 0.05 and 0.81 - 0.8 > 0.01; both are ties and must pass
-    decision = decide_gates(result(age_mae=8.05, gender_accuracy=0.8), result(age_mae=8.1, gender_accuracy=0.81), GATES)
+    decision = decide(result(age_mae=8.05, gender_accuracy=0.8), result(age_mae=8.1, gender_accuracy=0.81))
     assert decision["full_pass"], decision["summary"]
     assert [c["value"] for c in decision["checks"][3:]] == [0.05, 0.01]
 
 
 def test_zero_min_improvement_accepts_a_tie():
     gates = GATES.model_copy(update={"min_improvement": 0.0})
-    assert decide_gates(result(), result(), gates)["full_pass"]
+    assert decide(result(), result(), gates)["full_pass"]
 
 
 def test_absolute_failure_blocks_even_when_the_champion_is_beaten():
-    decision = decide_gates(result(age_mae=16.0), result(age_mae=18.0), GATES)
+    decision = decide(result(age_mae=16.0), result(age_mae=18.0))
     assert failed(decision) == ["max_age_mae"]
     assert not decision["absolute_pass"] and not decision["full_pass"]
 
 
 def test_gate_on_real_metric_dicts():
     candidate = metrics()
-    decision = decide_gates(candidate, None, GATES)
+    decision = decide(candidate, None)
     assert decision["full_pass"]
     assert decision["checks"][2]["value"] == candidate["age_mae_group_gap"] == 1.6
+
+
+def test_a_champion_without_per_image_errors_is_refused():
+    with pytest.raises(ValueError, match="per-image errors"):
+        decide_gates(result(), result(), GATES)
+
+
+# The paired bootstrap on errors that vary image by image, as two real models' do.
+
+
+def gate_pair(champion_errors: np.ndarray, candidate_errors: np.ndarray, gates: GateParams = GATES) -> dict:
+    return decide_gates(
+        result(age_mae=float(candidate_errors.mean())),
+        result(age_mae=float(champion_errors.mean())),
+        gates,
+        candidate_errors=candidate_errors,
+        champion_errors=champion_errors,
+    )
+
+
+def noisy_copy(errors: np.ndarray, *, gain: float, noise: float, seed: int) -> np.ndarray:
+    """Another model's errors on the same images: `gain` years better on average, with per-image noise."""
+    rng = np.random.default_rng(seed)
+    return np.abs(errors - gain + rng.normal(0.0, noise, errors.size))
+
+
+def test_an_identical_model_is_not_promoted_and_the_record_names_the_test():
+    decision = gate_pair(BASE_ERRORS, BASE_ERRORS.copy())
+    assert failed(decision) == ["min_improvement"] and not decision["full_pass"]
+    assert decision["improvement_test"] == {
+        "method": "paired bootstrap, percentile interval",
+        "statistic": "champion age MAE - candidate age MAE",
+        "n_images": N_IMAGES,
+        "resamples": 2000,
+        "confidence": 0.95,
+        "seed": 0,
+        "observed": 0.0,
+        "interval": [0.0, 0.0],
+    }
+    assert "paired bootstrap" in decision["summary"] and f"over {N_IMAGES} test images" in decision["summary"]
+    assert json.loads(json.dumps(decision)) == decision
+
+
+def test_a_lucky_rerun_is_not_promoted_though_its_mae_is_lower():
+    """Issue 14: a rerun scoring a little lower passed the old gate on the observed difference alone.
+
+    Errors that differ by 3 years image by image leave a 0.14-year gain well inside the noise.
+    """
+    champion = noisy_copy(BASE_ERRORS, gain=0.0, noise=3.0, seed=1)
+    candidate = noisy_copy(BASE_ERRORS, gain=0.2, noise=3.0, seed=2)
+    test = gate_pair(champion, candidate)["improvement_test"]
+    assert test["observed"] >= 0.05, "the old rule, on the observed difference, would have promoted it"
+    low, high = test["interval"]
+    assert low < 0.05 < test["observed"] < high
+    assert not gate_pair(champion, candidate)["full_pass"]
+
+
+def test_a_clearly_better_model_is_promoted():
+    champion = noisy_copy(BASE_ERRORS, gain=0.0, noise=1.0, seed=1)
+    candidate = noisy_copy(BASE_ERRORS, gain=1.0, noise=1.0, seed=2)
+    decision = gate_pair(champion, candidate, GATES.model_copy(update={"min_improvement": 0.3}))
+    assert decision["full_pass"], decision["summary"]
+    low, high = decision["improvement_test"]["interval"]
+    assert 0.3 < low < decision["improvement_test"]["observed"] < high
+    assert decision["checks"][3]["value"] == low
+
+
+def test_the_interval_has_the_width_of_the_paired_standard_error():
+    champion = noisy_copy(BASE_ERRORS, gain=0.0, noise=2.0, seed=1)
+    candidate = noisy_copy(BASE_ERRORS, gain=0.5, noise=2.0, seed=2)
+    low, high = gate_pair(champion, candidate)["improvement_test"]["interval"]
+    standard_error = np.std(champion - candidate) / np.sqrt(N_IMAGES)
+    assert high - low == pytest.approx(2 * 1.96 * standard_error, rel=0.15)
+
+
+def test_the_same_errors_give_the_same_interval():
+    champion = noisy_copy(BASE_ERRORS, gain=0.0, noise=2.0, seed=1)
+    candidate = noisy_copy(BASE_ERRORS, gain=0.2, noise=2.0, seed=2)
+    assert gate_pair(champion, candidate) == gate_pair(champion, candidate)
+
+
+def test_errors_of_different_lengths_are_refused():
+    with pytest.raises(ValueError, match="equal length"):
+        compare_paired(BASE_ERRORS, BASE_ERRORS[:-1], confidence=0.95, resamples=100)
