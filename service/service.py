@@ -35,6 +35,7 @@ from starlette.responses import JSONResponse, Response
 from agegender.config import ServeParams, load_params
 from agegender.images import ImageError, load_image, open_image
 from agegender.inference import Predictor
+from agegender.monitoring import RecordWriter, image_record, records_url, service_metrics
 from agegender.registry import resolve_version
 from agegender.render import draw_faces, encode_jpeg
 from agegender.tracking import configure_tracking
@@ -47,7 +48,8 @@ class ServeArgs(BaseModel):
 
 
 ARGS = bentoml.use_arguments(ServeArgs)
-SERVE = load_params(Path(ARGS.params)).serve
+PARAMS = load_params(Path(ARGS.params))
+SERVE, MONITOR = PARAMS.serve, PARAMS.monitor
 BENTO_MODEL = "agegender:latest"
 DEMO_PAGE = (Path(__file__).parent / "demo.html").read_text()
 ui = FastAPI(title="agegender demo page and metadata")
@@ -105,7 +107,8 @@ class FaceModel:
     def predict_images(self, images: list[np.ndarray]) -> list[dict]:
         predictor = self.predictor  # the whole batch is answered by one model
         model = predictor.describe()
-        return [{"faces": faces, "model": model} for faces in predictor.predict_images(images)]
+        answers = predictor.predict_images(images, observe=MONITOR.enabled)
+        return [{"faces": faces, "model": model} for faces in answers]
 
     @bentoml.api
     def metadata(self) -> dict:
@@ -120,21 +123,44 @@ FORM_BYTES = 64 * 1024
 RETRY_AFTER_S = math.ceil(SERVE.max_latency_ms / 1000)
 
 
+# The `reason` label of agegender_refusals on /metrics, unless a refusal names its own.
+REASONS = {
+    400: "bad_request",
+    408: "upload_timeout",
+    411: "no_content_length",
+    413: "too_large",
+    415: "unsupported_type",
+    503: "overloaded",
+}
+
+
 class Refused(Exception):
     """A request answered with a 4xx (or 503 when overloaded) and a message naming the problem and its limit."""
 
-    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None, reason: str | None = None) -> None:
         super().__init__(message)
         self.status, self.retry_after = status, retry_after
+        self.reason = reason or REASONS[status]
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)} if self.retry_after else {}
 
+    def count(self) -> None:
+        if MONITOR.enabled:
+            service_metrics().refused(self.reason, self.status)
+
     def answer(self, ctx: bentoml.Context) -> dict:
+        """The refusal as an API method's answer."""
+        self.count()
         ctx.response.status_code = self.status
         for name, value in self.headers().items():
             ctx.response.headers[name] = value
         return {"error": str(self)}
+
+    def response(self) -> JSONResponse:
+        """The refusal as a response of the upload guard or the demo page's routes."""
+        self.count()
+        return JSONResponse({"error": str(self)}, self.status, headers=self.headers())
 
 
 class UploadGuard:
@@ -158,7 +184,7 @@ class UploadGuard:
         try:
             scope, body = await self.check(scope, receive, field)
         except Refused as err:
-            await JSONResponse({"error": str(err)}, err.status, headers=err.headers())(scope, receive, send)
+            await err.response()(scope, receive, send)
             return
         await self.app(scope, replay(body), send)
 
@@ -268,8 +294,8 @@ def multipart_body(field: str, files: list[bytes]) -> tuple[bytes, str]:
     )
 
 
-def check_queue_time(ctx: bentoml.Context) -> None:
-    """Load shedding: a request that waited too long for a worker is refused, not served late."""
+def check_queue_time(ctx: bentoml.Context) -> float:
+    """Seconds the request waited for a worker; load shedding: one that waited too long is refused, not served late."""
     received = getattr(ctx.request.state, "received", None)
     waited_ms = (time.monotonic() - received) * 1000 if received else 0.0
     if waited_ms > SERVE.max_latency_ms:
@@ -279,6 +305,7 @@ def check_queue_time(ctx: bentoml.Context) -> None:
             f"{SERVE.max_latency_ms} ms; retry in {RETRY_AFTER_S} s",
             RETRY_AFTER_S,
         )
+    return waited_ms / 1000
 
 
 def decode_uploads(uploads: list[Path], *, numbered: bool) -> list[np.ndarray]:
@@ -316,6 +343,21 @@ class AgeGender:
 
     model = bentoml.depends(FaceModel)
 
+    def __init__(self) -> None:
+        self.records = None
+        if MONITOR.enabled:
+            self.records = RecordWriter(
+                records_url(MONITOR.records, Path.cwd()),
+                batch_records=MONITOR.batch_records,
+                flush_seconds=MONITOR.flush_seconds,
+                on_drop=service_metrics().dropped.inc,
+            )
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        if self.records is not None:
+            self.records.close()
+
     def call_model(self, method: str, *args):
         """FaceModel's `method`; Refused (503) when it sheds load or cannot be reached."""
         for _ in range(3):
@@ -338,23 +380,44 @@ class AgeGender:
             f"the model service is not reachable ({type(failure).__name__}: {failure}); "
             f"it may be restarting, retry in {RETRY_AFTER_S} s",
             RETRY_AFTER_S,
+            reason="model_unreachable",
         )
 
-    def serve(self, ctx: bentoml.Context, uploads: list[Path], *, numbered: bool = False):
+    def serve(self, ctx: bentoml.Context, uploads: list[Path], *, route: str, numbered: bool = False):
         """(decoded images, one answer each); Refused for anything the service will not answer."""
-        check_queue_time(ctx)
+        queue_s = check_queue_time(ctx)
         images = decode_uploads(uploads, numbered=numbered)
         results = self.call_model("predict_images", images)
+        if MONITOR.enabled:
+            self.observe(route, uploads, images, results, queue_s)
         return images, [
-            {"faces": r["faces"], "width": img.shape[1], "height": img.shape[0], "model": r["model"]}
+            {
+                "faces": [{k: v for k, v in face.items() if k != "observed"} for face in r["faces"]],
+                "width": img.shape[1],
+                "height": img.shape[0],
+                "model": r["model"],
+            }
             for img, r in zip(images, results, strict=True)
         ]
+
+    def observe(self, route: str, uploads: list[Path], images: list[np.ndarray], results: list[dict], queue_s: float):
+        """Metrics and one served-input record per image (the upload itself only with monitor.store_uploads)."""
+        sizes = [(image.shape[1], image.shape[0]) for image in images]
+        service_metrics().observe(sizes, [r["faces"] for r in results], results[0]["model"], queue_s)
+        if self.records is None:
+            return
+        request = uuid.uuid4().hex
+        for upload, (width, height), r in zip(uploads, sizes, results, strict=True):
+            record = image_record(
+                request=request, route=route, width=width, height=height, faces=r["faces"], model=r["model"]
+            )
+            self.records.add(record, upload.read_bytes() if MONITOR.store_uploads else None)
 
     @bentoml.api
     def predict(self, image: Path, ctx: bentoml.Context) -> dict:
         """An image (JPEG, PNG, WebP or BMP) -> its faces with box, age and gender, and the model that answered."""
         try:
-            _, (result,) = self.serve(ctx, [image])
+            _, (result,) = self.serve(ctx, [image], route="predict")
         except Refused as err:
             return err.answer(ctx)
         return result
@@ -363,7 +426,7 @@ class AgeGender:
     def annotate(self, image: Path, ctx: bentoml.Context):
         """An image -> a JPEG with each face's box and "age, gender" drawn on it."""
         try:
-            (decoded,), (result,) = self.serve(ctx, [image])
+            (decoded,), (result,) = self.serve(ctx, [image], route="annotate")
         except Refused as err:
             return err.answer(ctx)
         headers = {"X-Model-Version": str(result["model"]["version"]), "X-Faces": str(len(result["faces"]))}
@@ -373,7 +436,7 @@ class AgeGender:
     def predict_batch(self, images: list[Path], ctx: bentoml.Context) -> dict:
         """Several images in one call; a bad image fails the whole call, naming which one."""
         try:
-            _, results = self.serve(ctx, images, numbered=True)
+            _, results = self.serve(ctx, images, route="predict_batch", numbered=True)
         except Refused as err:
             return err.answer(ctx)
         return {"results": results}
@@ -391,7 +454,7 @@ class AgeGender:
         try:
             return self.call_model("metadata")
         except Refused as err:
-            return JSONResponse({"error": str(err)}, err.status, headers=err.headers())
+            return err.response()
 
     @ui.get("/", response_class=HTMLResponse)
     def demo_page(self) -> str:

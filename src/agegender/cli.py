@@ -30,6 +30,8 @@ stack_app = typer.Typer(
 app.add_typer(stack_app, name="stack")
 flow_app = typer.Typer(help="The Prefect training flow: run it once, or serve it on a schedule.", no_args_is_help=True)
 app.add_typer(flow_app, name="flow")
+monitor_app = typer.Typer(help="What production sees: the drift check on the service's records.", no_args_is_help=True)
+app.add_typer(monitor_app, name="monitor")
 console = Console(stderr=True, soft_wrap=True)  # no hard wraps: messages stay greppable in logs
 
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="Parameters file.")
@@ -406,6 +408,8 @@ def flow_serve_command(params_file: Path = PARAMS) -> None:
 
     from prefect.settings import PREFECT_API_URL
 
+    from agegender.drift_flow import DEPLOYMENT as DRIFT
+    from agegender.drift_flow import FLOW_NAME as DRIFT_FLOW
     from agegender.flow import DEPLOYMENT, FLOW_NAME, serve_deployment
 
     params = params_or_exit(params_file)
@@ -425,9 +429,41 @@ def flow_serve_command(params_file: Path = PARAMS) -> None:
     console.print(
         f"Serving deployment '{FLOW_NAME}/{DEPLOYMENT}' against the Prefect API at {api}; cron "
         f"'{schedule.cron}' ({schedule.timezone}): a scheduled run retrains only when data.dvc's data version "
-        "differs from the champion's. Stop with Ctrl-C."
+        f"differs from the champion's. Beside it '{DRIFT_FLOW}/{DRIFT}', cron '{params.monitor.drift.cron}'. "
+        "Stop with Ctrl-C."
     )
-    serve_deployment(Path.cwd(), name=DEPLOYMENT, cron=schedule.cron, timezone=schedule.timezone)
+    serve_deployment(
+        Path.cwd(), name=DEPLOYMENT, cron=schedule.cron, timezone=schedule.timezone, monitor=params.monitor
+    )
+
+
+@monitor_app.command("drift")
+def monitor_drift_command(
+    hours: float | None = typer.Option(None, "--hours", help="Window length [default: monitor.drift.window_hours]."),
+    end: str | None = typer.Option(None, "--end", help="Window end, ISO time (UTC unless it says) [default: now]."),
+    retrain: bool | None = typer.Option(
+        None,
+        "--retrain/--no-retrain",
+        help="On drift, start agegender-training/retrain [default: monitor.drift.retrain].",
+    ),
+    params_file: Path = PARAMS,
+) -> None:
+    """Compare the service's records of a window with the champion's training reference; report; exit 2 on drift."""
+    from agegender.drift_flow import drift_flow
+
+    params = params_or_exit(params_file)
+    console.print(f"Checking drift on the records in {params.monitor.records} against {params.serve.model_uri}")
+    state = drift_flow(project_root=str(Path.cwd()), window_hours=hours, end=end, retrain=retrain, return_state=True)
+    if not state.is_completed():
+        raise fail(state.message or "the drift check failed")
+    result = state.result()
+    console.print(state.message, markup=False)
+    console.print(
+        f"Report: {result['report']}"
+        + (f"; retraining run {result['retraining_run']}" if result["retraining_run"] else "")
+    )
+    if result["drifted"]:
+        raise typer.Exit(code=2)
 
 
 def env_tracking_uri() -> str | None:

@@ -178,6 +178,30 @@ class ServeParams(Section):
         )
 
 
+class DriftParams(Section):
+    """The drift check: a window of served records against the champion's training reference."""
+
+    window_hours: float = Field(24.0, gt=0.0, description="served records of the last this many hours")
+    min_faces: int = Field(100, ge=10, description="fewer faces in the window: no decision")
+    p_value: Fraction = Field(0.001, description="a feature drifts when its KS test's p-value is below this...")
+    min_statistic: Fraction = Field(0.1, description="...and its KS statistic (largest CDF gap) is at least this")
+    min_drifted_features: int = Field(1, ge=1, le=5, description="the window drifts when this many features drift")
+    retrain: bool = Field(False, description="on drift, start the agegender-training/retrain deployment")
+    cron: str = "0 4 * * *"
+
+
+class MonitorParams(Section):
+    """What production sees: Prometheus metrics and served-input records (README: Monitor the model)."""
+
+    enabled: bool = Field(True, description="project metrics on /metrics and served-input records")
+    records: str = Field("monitoring/records", min_length=1, description="a folder or fsspec URL (s3://...)")
+    batch_records: int = Field(200, ge=1, le=100_000, description="records per written file")
+    flush_seconds: float = Field(60.0, gt=0.0, description="a batch is written at most this long after it starts")
+    store_uploads: bool = Field(False, description="also store each uploaded image beside its record")
+    reports: Path = Field(Path("artifacts/monitor"), description="drift reports (HTML and JSON)")
+    drift: DriftParams = DriftParams()
+
+
 Port = Annotated[int, Field(ge=1, le=65535)]
 SEAWEED_PORTS = ("master", "master gRPC", "volume", "volume gRPC", "filer", "filer gRPC", "S3 gRPC")
 
@@ -239,6 +263,7 @@ class Params(Section):
     registry: RegistryParams = RegistryParams()
     schedule: ScheduleParams = ScheduleParams()
     serve: ServeParams = ServeParams()
+    monitor: MonitorParams = MonitorParams()
     stack: StackParams = StackParams()
 
     @model_validator(mode="after")
@@ -258,9 +283,10 @@ class Params(Section):
     def model_settings(self, exclude: frozenset[str] = frozenset()) -> dict:
         """The sections that make a model, as MLflow logs them and the registry hashes them.
 
-        `stack` says where the team's servers run, not how a model is made: it is left out.
+        `stack` says where the team's servers run and `monitor` how the served model is watched,
+        not how a model is made: both are left out.
         """
-        return self.model_dump(by_alias=True, mode="json", exclude={"stack", *exclude})
+        return self.model_dump(by_alias=True, mode="json", exclude={"stack", "monitor", *exclude})
 
     def candidate_train(self, candidate: Candidate) -> TrainParams:
         """The train section with the candidate's overrides applied (nested sections merged)."""

@@ -7,7 +7,7 @@ retries on the tasks that touch the DVC remote or the registry, a time limit tha
 stage's processes, the stages' output in the run logs, and report artifacts.
 
     agegender flow run      # once (what `make run` runs)
-    agegender flow serve    # the `retrain` deployment on params.yaml's schedule
+    agegender flow serve    # the `retrain` deployment on params.yaml's schedule (and the drift check's)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed
 
 from agegender import paths, pipeline
-from agegender.config import load_params
+from agegender.config import MonitorParams, load_params
 
 FLOW_NAME = "agegender-training"
 DEPLOYMENT = "retrain"
@@ -151,15 +151,20 @@ def training_flow(project_root: str = ".", force: bool = False):
     return Completed(name=name, message=report.message(), data=report.as_dict())
 
 
-def serve_deployment(root: Path, *, name: str, cron: str, timezone: str) -> None:
-    """Serve the flow as deployment `agegender-training/NAME` on the schedule; runs until stopped."""
+def serve_deployment(root: Path, *, name: str, cron: str, timezone: str, monitor: MonitorParams) -> None:
+    """Serve the flow as deployment `agegender-training/NAME` on the schedule, and beside it the drift
+    check `agegender-monitoring/drift` on monitor.drift.cron; runs until stopped."""
+    from prefect import serve
     from prefect.schedules import Cron
 
-    training_flow.serve(
+    from agegender.drift_flow import drift_deployment
+
+    training = training_flow.to_deployment(
         name=name,
         schedules=[Cron(cron, timezone=timezone)],
         parameters={"project_root": str(root), "force": False},
         description="Retrain when the data version differs from the registry champion's.",
         tags=["agegender", "retrain"],
-        limit=1,  # one pipeline at a time in a project
+        concurrency_limit=1,  # one pipeline at a time in a project, scheduled or started by a drift check
     )
+    serve(training, drift_deployment(root, monitor, timezone))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from agegender import paths
 from agegender.config import ModelSpec
 from agegender.faces import Detector, DetectorPool, crop_chip, crop_face, make_detector, to_bgr
 from agegender.labels import GENDER_THRESHOLD
+from agegender.monitoring import crop_stats, face_observation
 
 # Half-width of the reported age range: about the model's typical error on real data.
 AGE_RANGE_YEARS = 5
@@ -126,8 +128,12 @@ class Predictor:
             return [self.detector.detect(image) for image in images]
         return list(self._pool.map(lambda detector, image: detector.detect(image), images))
 
-    def predict_images(self, images: list[np.ndarray]) -> list[list[dict]]:
-        """Every face the detector finds in each image; the faces of all images share one model call."""
+    def predict_images(self, images: list[np.ndarray], *, observe: bool = False) -> list[list[dict]]:
+        """Every face the detector finds in each image; the faces of all images share one model call.
+
+        With `observe`, each face also has `observed`: its crop's statistics and P(female), for
+        the service's served-input records (monitoring.face_observation).
+        """
         images = [to_bgr(image) for image in images]
         boxes = self.detect_all(images)
         crops = [
@@ -136,18 +142,15 @@ class Predictor:
             for box in found
         ]
         size = self.spec.image_size
-        ages, female = self.predict_crops(np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8))
-        results, start = [], 0
-        for found in boxes:
-            end = start + len(found)
-            results.append(
-                [
-                    face_result(b, float(a), float(p))
-                    for b, a, p in zip(found, ages[start:end], female[start:end], strict=True)
-                ]
-            )
-            start = end
-        return results
+        crops = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+        ages, female = self.predict_crops(crops)
+        faces = [face_result(b, float(a), float(p)) for b, a, p in zip(chain(*boxes), ages, female, strict=True)]
+        if observe:
+            stats = crop_stats(crops)
+            for index, face in enumerate(faces):
+                face["observed"] = face_observation(stats, index, float(female[index]))
+        ends = np.cumsum([len(found) for found in boxes])
+        return [faces[end - len(found) : end] for found, end in zip(boxes, ends, strict=True)]
 
     def predict_image(self, image: np.ndarray) -> list[dict]:
         """Every face the detector finds in an arbitrary image, with box, age and gender."""

@@ -35,6 +35,7 @@ CURVES = "curves.png"
 CANDIDATES = "candidates.json"
 VAL_METRICS = "metrics.json"
 HISTORY = "history.csv"
+DRIFT_REFERENCE = "reference.csv"  # monitoring statistics of the training crops, for the drift check
 
 # evaluate
 EVAL = Path("artifacts/eval")
@@ -64,7 +65,17 @@ def stage_outputs() -> dict[str, list[Path]]:
         ],
         "train": [
             MODEL / name
-            for name in (KERAS_MODEL, MODEL_SPEC, MODEL_CARD, MODEL_CARD_MD, CURVES, CANDIDATES, VAL_METRICS, HISTORY)
+            for name in (
+                KERAS_MODEL,
+                MODEL_SPEC,
+                MODEL_CARD,
+                MODEL_CARD_MD,
+                CURVES,
+                CANDIDATES,
+                VAL_METRICS,
+                HISTORY,
+                DRIFT_REFERENCE,
+            )
         ],
         "evaluate": [EVAL / PLOTS, EVAL / TEST_METRICS, EVAL / GATE, EVAL / CHAMPION_METRICS],
         "register": [REGISTRY / REGISTRATION],

@@ -25,6 +25,7 @@ from agegender.config import ModelSpec, Params, TrainParams
 from agegender.files import atomic_dir, write_json
 from agegender.labels import ADULT_AGE, GENDER_THRESHOLD
 from agegender.model import age_logits_loss, build_model, training_view
+from agegender.monitoring import reference_table
 from agegender.preprocess import load_split
 from agegender.tracking import configure_tracking, flatten, git_commit
 
@@ -232,6 +233,7 @@ def train_one(
         # Logged after the per-epoch points, so the run's latest value is the restored best model's.
         mlflow.log_metrics(metrics, step=len(history["loss"]))
         save_outputs(folder, model, spec, metrics, history, stats, run.info.run_id)
+        write_reference(folder / paths.DRIFT_REFERENCE, model, train["images"])
         mlflow.log_artifacts(str(folder), artifact_path="outputs")
         log_model(model, val["images"][:4])
     return CandidateRun(name=name, run_id=run.info.run_id, metrics=metrics, folder=folder)
@@ -369,6 +371,12 @@ def score(model: keras.Model, split: dict, *, prefix: str) -> dict:
         f"{prefix}gender_accuracy": round(float(correct.mean()), 4),
         f"{prefix}gender_accuracy_18plus": round(float(correct[adult].mean()), 4) if adult.any() else None,
     }
+
+
+def write_reference(path: Path, model: keras.Model, crops: np.ndarray) -> None:
+    """The drift check's reference: the statistics the service records, on the training crops (no augmentation)."""
+    predicted = model.predict(crops.astype(np.float32), batch_size=256, verbose=0)
+    reference_table(crops, predicted["age"][:, 0], predicted["gender"][:, 0]).to_csv(path, index=False)
 
 
 def describe_run(spec: ModelSpec, stats: dict) -> str:

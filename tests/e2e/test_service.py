@@ -8,6 +8,7 @@ champion is picked up without a restart; the demo page works in headless Chromiu
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.server
 import io
@@ -33,6 +34,7 @@ from tests.conftest import (
     BIN,
     OPEN_GATES,
     PROJECT,
+    UTKFACE,
     answers_ok,
     copy_utk_subset,
     free_port,
@@ -63,12 +65,18 @@ TINY = {
 }
 
 
+# Enough training crops for the drift reference to tell a served window of 300 faces apart.
+TRAIN_CHIPS = 400
+
+
 @pytest.fixture(scope="module")
 def champion_repo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("service")
     repo = make_project_repo(root)
-    utk = copy_utk_subset(root / "utk", count=160)
+    utk = copy_utk_subset(root / "utk", count=TRAIN_CHIPS)
     set_params(repo, TINY)
+    # Records outside the project checkout (the server runs in it), written within a second.
+    set_params(repo, {"monitor": {"records": str(root / "records"), "flush_seconds": 1, "batch_records": 64}})
     run("agegender", "data", "ingest", str(utk), cwd=repo)
     run("dvc", "repro", cwd=repo)
     return repo
@@ -478,6 +486,161 @@ def test_a_built_bento_carries_the_model_and_serves_it_without_the_registry(cham
         assert answer["model"]["uri"].startswith("bentoml:agegender:") and answer["model"]["version"] == "1"
     finally:
         stop(process)
+
+
+def scrape(url: str) -> dict[tuple, float]:
+    """The service's /metrics as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def records_folder(repo: Path) -> Path:
+    from agegender.config import load_params
+
+    return Path(load_params(repo / "params.yaml").monitor.records)
+
+
+def served_records(repo: Path, since, until) -> list[dict]:
+    from agegender.monitoring import read_records
+
+    return read_records(str(records_folder(repo)), since=since, until=until)
+
+
+def test_metrics_and_records_show_what_the_service_saw(server, champion_repo):
+    """/metrics counts images, faces, scores, sizes, ages, genders, refusals and the version; a record per image."""
+    from datetime import UTC, datetime
+
+    before, since = scrape(server["url"]), datetime.now(UTC)
+    scene, _ = scene_bytes(count=3, seed=7)
+    status, _, body = post(server["url"], "predict", scene)
+    assert status == 200
+    faces = json.loads(body)["faces"]
+    chips, content_type = multipart([("images", "a.jpg", p.read_bytes(), "image/jpeg") for p in utkface_files(2, 9)])
+    assert post(server["url"], "predict_batch", body=chips, content_type=content_type)[0] == 200
+    assert post(server["url"], "predict", b"%PDF-1.4 not an image")[0] == 415
+    assert post(server["url"], "predict", body=scene, content_type="text/plain")[0] == 415  # refused by the guard
+    after = scrape(server["url"])
+
+    def delta(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("agegender_images_per_request_count") == 2 and delta("agegender_images_per_request_sum") == 3
+    assert delta("agegender_faces_per_request_sum") == len(faces) + 2
+    assert delta("agegender_detection_score_count") == delta("agegender_predicted_age_years_count") == len(faces) + 2
+    assert delta("agegender_face_side_pixels_count") == len(faces) + 2
+    genders = delta("agegender_predicted_gender_total", gender="female") + delta(
+        "agegender_predicted_gender_total", gender="male"
+    )
+    assert genders == len(faces) + 2 and delta("agegender_image_megapixels_count") == 3
+    assert delta("agegender_refusals_total", reason="unsupported_type", status="415") == 2
+    assert delta("agegender_queue_seconds_count") == 2 and delta("agegender_images_answered_total", version="1") == 3
+    assert after[("agegender_model_version", ())] == 1
+
+    # One record per answered image, within monitor.flush_seconds; statistics and predictions, no pixels.
+    records = wait_until(
+        lambda: (found := served_records(champion_repo, since, datetime.now(UTC))) and len(found) >= 3 and found,
+        what="the records are written",
+        seconds=30,
+        process=server["process"],
+        log=server["log"],
+    )
+    assert len(records) == 3 and [r["route"] for r in records] == ["predict", "predict_batch", "predict_batch"]
+    scene_record = records[0]
+    assert scene_record["model_version"] == "1" and scene_record["width"] == json.loads(body)["width"]
+    assert [f["age"] for f in scene_record["faces"]] == [f["age"] for f in faces]
+    assert [f["side"] for f in scene_record["faces"]] == [max(f["box"][2:]) for f in faces]
+    assert set(scene_record["faces"][0]) == {"side", "score", "age", "brightness", "contrast", "sharpness", "female"}
+    assert "upload" not in scene_record and len(json.dumps(records)) < 4000, "no image data is kept"
+    assert not (records_folder(champion_repo) / "uploads").exists()
+
+
+def drift_window(folder: Path, count: int, *, seed: int, exclude: set[str], adults: bool = False) -> list[Path]:
+    """A fixed random sample of well-formed chips, none of the training chips; adults: 18 and over."""
+    import random
+
+    files = [p for p in sorted(folder.iterdir()) if p.name.count("_") == 3 and p.name not in exclude]
+    files = [p for p in files if int(p.name.split("_")[0]) >= 18] if adults else files
+    return random.Random(seed).sample(files, count)
+
+
+def serve_window(url: str, files: list[Path]) -> tuple:
+    """Send the files 16 to a request; (start, end) of the window in UTC."""
+    from datetime import UTC, datetime
+
+    start = datetime.now(UTC)
+    for first in range(0, len(files), 16):
+        body, content_type = multipart(
+            [("images", "x.jpg", p.read_bytes(), "image/jpeg") for p in files[first : first + 16]]
+        )
+        status, _, answer = post(url, "predict_batch", body=body, content_type=content_type)
+        assert status == 200, answer
+    time.sleep(0.01)
+    return start, datetime.now(UTC)
+
+
+def test_drift_check_on_served_windows_flags_other_ages_and_starts_retraining(server, champion_repo, monkeypatch):
+    """Two real served windows against the champion's training reference, through the Prefect drift flow:
+    300 unseen part-1 chips (the training distribution) do not drift; 300 adults of parts 2-3 do, and
+    with retrain the flow starts a run of the agegender-training/retrain deployment."""
+    from prefect.client.orchestration import get_client
+    from prefect.testing.utilities import prefect_test_harness
+
+    from agegender.drift_flow import REPORT_HTML, REPORT_JSON, drift_flow
+    from agegender.flow import DEPLOYMENT, training_flow
+
+    trained = {p.name for p in utkface_files(TRAIN_CHIPS)}
+    same = serve_window(server["url"], drift_window(UTKFACE, 300, seed=0, exclude=trained))
+    adults = serve_window(
+        server["url"], drift_window(UTKFACE.parent / "utkface-parts23", 300, seed=0, exclude=set(), adults=True)
+    )
+    wait_until(
+        lambda: len(served_records(champion_repo, same[0], adults[1])) >= 600,
+        what="both windows' records are written",
+        seconds=60,
+        process=server["process"],
+        log=server["log"],
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(champion_repo))
+
+    def check(window, retrain: bool) -> dict:
+        hours = (window[1] - window[0]).total_seconds() / 3600
+        state = drift_flow(
+            project_root=str(champion_repo),
+            window_hours=hours,
+            end=window[1].isoformat(),
+            retrain=retrain,
+            return_state=True,
+        )
+        assert state.is_completed(), state.message
+        return state.result()
+
+    with prefect_test_harness(server_startup_timeout=120):
+        training_flow.to_deployment(name=DEPLOYMENT, parameters={"project_root": str(champion_repo)}).apply()
+        quiet = check(same, retrain=True)
+        assert quiet["window_faces"] >= 290 and quiet["enough"], quiet["summary"]
+        assert not quiet["drifted"] and quiet["retraining_run"] is None, quiet["summary"]
+        drift = check(adults, retrain=True)
+        assert drift["drifted"], drift["summary"]
+        assert drift["summary"].startswith("DRIFT") and drift["model"] == "agegender v1"
+
+        async def read_run(run_id: str):
+            async with get_client() as client:
+                return await client.read_flow_run(run_id)
+
+        retraining = asyncio.run(read_run(drift["retraining_run"]))
+        assert retraining.parameters["force"] is True and retraining.state.is_scheduled()
+
+    reports = champion_repo / "artifacts" / "monitor"
+    assert json.loads((reports / REPORT_JSON).read_text())["drifted"] is True
+    assert "Drift check: DRIFT" in (reports / REPORT_HTML).read_text()
 
 
 def test_a_new_champion_is_served_without_a_restart_or_a_failed_request(server, champion_repo):
