@@ -127,7 +127,7 @@ class GateParams(Section):
     min_gender_accuracy: Fraction = 0.6
     max_group_gap: float = Field(10.0, ge=0.0, description="largest age-MAE gap between race groups, years")
     min_improvement: float = Field(
-        0.05, ge=0.0, description="years of test age MAE to gain over the champion, at the interval's lower bound"
+        0.1, ge=0.0, description="years of test age MAE to gain over the champion, at the interval's lower bound"
     )
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="two-sided level of the paired bootstrap interval")
     bootstrap_resamples: int = Field(2000, ge=100, le=100_000, description="resamples of the test images")
