@@ -298,3 +298,29 @@ def use_team_remote(repo: Path, stack: TeamStack) -> None:
     run("dvc", "remote", "add", "-d", "team", "s3://agegender-dvc", cwd=repo)
     run("dvc", "remote", "modify", "team", "endpointurl", stack.s3, cwd=repo)
     run("git", "commit", "-qm", "DVC remote: the team's S3 bucket", ".dvc/config", cwd=repo)
+
+
+# A model trained for two epochs at 32 px: enough to exercise every stage in seconds.
+TINY = {
+    "preprocess": {"image_size": 32},
+    "train": {"width": 8, "epochs": 2, "batch_size": 32, "warmup_epochs": 0, "patience": 2},
+}
+TWO_CANDIDATES = [{"name": "small", "train": {}}, {"name": "wider", "train": {"width": 12}}]
+
+
+@pytest.fixture(scope="session")
+def trained_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with 300 real chips ingested and `dvc repro train` done (two candidates), once per session.
+
+    Tests take copies (`copy_repo`); its MLflow runs keep their artifacts in this folder.
+    """
+    base = tmp_path_factory.mktemp("trained")
+    repo = make_project_repo(base)
+    set_params(repo, {**TINY, "candidates": TWO_CANDIDATES})
+    run("agegender", "data", "ingest", str(copy_utk_subset(base / "utk")), cwd=repo)
+    run("dvc", "repro", "train", cwd=repo)
+    return repo
+
+
+def copy_repo(repo: Path, dest: Path) -> Path:
+    return shutil.copytree(repo, dest, symlinks=True)
