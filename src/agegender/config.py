@@ -131,7 +131,7 @@ class GateParams(Section):
     )
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="two-sided level of the paired bootstrap interval")
     bootstrap_resamples: int = Field(2000, ge=100, le=100_000, description="resamples of the test images")
-    max_gender_accuracy_drop: Fraction = 0.01
+    max_gender_accuracy_drop: Fraction = 0.02
 
 
 class RegistryParams(Section):
