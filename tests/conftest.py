@@ -288,11 +288,6 @@ def team_stack() -> TeamStack:
         shutil.rmtree(outer, ignore_errors=True)
 
 
-def start_stack(stack: TeamStack) -> subprocess.CompletedProcess:
-    """`agegender stack up`: starts the services a test stopped, keeps the running ones."""
-    return run("agegender", "stack", "up", "--params", str(stack.params), cwd=stack.params.parent)
-
-
 def use_team_remote(repo: Path, stack: TeamStack) -> None:
     """Make the stack's S3 bucket the repo's default DVC remote and commit it (README: Run as a team)."""
     run("dvc", "remote", "add", "-d", "team", "s3://agegender-dvc", cwd=repo)
