@@ -47,7 +47,8 @@ class Predictor:
 
     @classmethod
     def from_path(cls, model_dir: Path) -> Predictor:
-        """A trained model folder: model.keras + spec.json (as written by the train stage)."""
+        """A trained model folder: model.keras + spec.json (as written by the train stage, and the artifacts
+        of the MLflow model it logs)."""
         import keras
 
         spec = load_spec(model_dir / paths.MODEL_SPEC)
@@ -66,7 +67,7 @@ class Predictor:
         from agegender.registry import resolve_version
 
         version = resolve_version(mlflow.MlflowClient(), uri)
-        model = mlflow.tensorflow.load_model(f"models:/{version.name}/{version.version}")
+        model = load_network(Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}")))
         spec = registered_spec(version)
         info = ModelInfo(name=version.name, version=str(version.version), data_version=spec.data_version, uri=uri)
         return cls(model, spec, info)
@@ -92,10 +93,9 @@ class Predictor:
     def from_bentoml(cls, tag: str) -> Predictor:
         """A model imported into the BentoML store by `import_to_bentoml` (how a built Bento carries it)."""
         import bentoml
-        import mlflow
 
         stored = bentoml.models.get(tag)
-        model = mlflow.tensorflow.load_model(stored.path_of("mlflow_model"))
+        model = load_network(Path(stored.path_of("mlflow_model")))
         spec = ModelSpec.model_validate(stored.info.metadata["spec"])
         info = ModelInfo(
             name=stored.info.labels["registered_model"],
@@ -172,6 +172,23 @@ def import_to_bentoml(uri: str, name: str = "agegender") -> str:
         metadata={"spec": registered_spec(version).model_dump(mode="json"), "source": uri},
     )
     return str(stored.tag)
+
+
+def load_network(mlflow_model: Path):
+    """The Keras network in a folder holding an MLflow model that training logged.
+
+    Since issue 12 that model is the pyfunc predictor (agegender.pyfunc) with the network as
+    an artifact; versions registered before are the tensorflow flavour, and a rollback may
+    bring one back.
+    """
+    network = mlflow_model / "artifacts" / paths.KERAS_MODEL
+    if network.exists():
+        import keras
+
+        return keras.saving.load_model(network, compile=False)
+    import mlflow
+
+    return mlflow.tensorflow.load_model(str(mlflow_model))
 
 
 def registered_spec(version) -> ModelSpec:

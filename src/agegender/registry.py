@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,6 +62,7 @@ METRIC_PREFIX = "test_"
 RESERVED_TAGS = frozenset({"run_id", "model_id", "gate_summary", "absolute_pass", "full_pass", COMPLETE_TAG})
 READY = ModelVersionStatus.to_string(ModelVersionStatus.READY)
 READY_TIMEOUT_SECONDS = 300
+CARD_FOLDER = "card"  # the model card and test metrics, in the registered model's artifacts
 
 
 class RegistryError(ValueError):
@@ -168,8 +169,9 @@ def run_register_stage(root: Path, params: Params, *, tracking_uri: str | None) 
     """The register stage: register the evaluated winner with its provenance, move aliases, write registration.json.
 
     Reads the gate decision and test metrics from artifacts/eval and the model card from
-    artifacts/model. `tracking_uri` is the store the model was logged in (None: the
-    project's own, see `tracking.configure_tracking`).
+    artifacts/model; the card and the test metrics (with the per-group gaps) are attached to
+    the version's model as card/ and its description. `tracking_uri` is the store the model
+    was logged in (None: the project's own, see `tracking.configure_tracking`).
     """
     configure_tracking(root, tracking_uri)
     client = MlflowClient()
@@ -189,9 +191,39 @@ def run_register_stage(root: Path, params: Params, *, tracking_uri: str | None) 
             **{f"{METRIC_PREFIX}{k}": str(v) for k, v in metrics.items() if isinstance(v, int | float)},
         },
         decision=decision,
+        attachments=[root / paths.MODEL / paths.MODEL_CARD, root / paths.EVAL / paths.TEST_METRICS],
+        description=version_description(card, metrics, params.gates.max_group_gap),
     )
     write_json(root / paths.REGISTRY / paths.REGISTRATION, result.as_dict())
     return result
+
+
+# The registry stores at most this many characters of a version's description.
+MAX_DESCRIPTION = 5000
+
+
+def version_description(card: dict, metrics: dict, max_group_gap: float) -> str:
+    """The model card and the test metrics per group, as the registry UI shows a version (markdown)."""
+    lines = [
+        f"**{card['model']}**, trained on {card['trained_on']} data (DVC data version `{card['data_version']}`).",
+        "",
+        card["intended_use"],
+        "",
+        f"Test split: {metrics['n_samples']} faces, age MAE {metrics['age_mae']} years, "
+        f"gender accuracy {metrics['gender_accuracy']}.",
+        "",
+        "| group | faces | age MAE | gender accuracy |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {g['n_samples']} | {g['age_mae']} | {g['gender_accuracy']} |"
+            for name, g in metrics["by_race"].items()
+        ),
+        "",
+        f"Largest gaps between groups: age MAE {metrics['age_mae_group_gap']} years (gate: at most "
+        f"{max_group_gap:g}), gender accuracy {metrics['gender_accuracy_group_gap']}. "
+        "Full card and metrics: the model's card/ artifacts.",
+    ]
+    return "\n".join(lines)[:MAX_DESCRIPTION]
 
 
 def hash_params(params: Params) -> str:
@@ -207,6 +239,8 @@ def register_candidate(
     run_id: str,
     tags: dict[str, str],
     decision: dict,
+    attachments: Sequence[Path] = (),
+    description: str | None = None,
     before_alias: Callable[[], None] | None = None,
 ) -> RegistrationResult:
     """Register the logged model as a new version and move aliases as the gate decided.
@@ -216,6 +250,8 @@ def register_candidate(
     decision's summary and passes, run and model ids are added. `before_alias` runs after
     the version is READY and tagged and before any alias moves: it exists so tests can
     kill the registration at its most delicate point; production passes None.
+    `attachments` (files) go to the logged model's card/ before the version exists, so a
+    version never lacks them and a repeated registration only uploads them again.
     """
     absolute, full = bool(decision["absolute_pass"]), bool(decision["full_pass"])
     if full and not absolute:
@@ -223,6 +259,8 @@ def register_candidate(
     if clash := sorted(tags.keys() & RESERVED_TAGS):
         raise ValueError(f"tags {clash} are written by the registry itself")
     logged = _logged_model(client, model_uri, run_id)
+    for path in attachments:
+        client.log_model_artifact(logged.model_id, str(path), CARD_FOLDER)
     _ensure_registered_model(client, model_name)
     finished, removed = _recover(client, model_name, remove_abandoned=True)
     previous = _aliases(client, model_name).get(CHAMPION)
@@ -245,6 +283,7 @@ def register_candidate(
         tags=version_tags,
         await_creation_for=READY_TIMEOUT_SECONDS,
         model_id=logged.model_id,
+        description=description,
     )
     if before_alias is not None:
         before_alias()

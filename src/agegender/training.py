@@ -2,7 +2,8 @@
 
 Writes artifacts/model/ (model.keras, spec.json, card.json, card.md, metrics.json,
 history.csv, curves.png) only after a successful fit; the MLflow run gets the params,
-per-epoch metrics, data version, git commit, curves and the model with its signature.
+per-epoch metrics, data version, git commit, curves and the model: the whole predictor as an
+MLflow pyfunc (image bytes -> faces) with the network and spec.json as its artifacts.
 """
 
 from __future__ import annotations
@@ -184,6 +185,8 @@ def train_one(
     """Fit one candidate in a child run; its outputs go to `folder`."""
     import mlflow
 
+    from agegender.pyfunc import log_predictor
+
     spec = ModelSpec(
         image_size=params.preprocess.image_size,
         margin=params.preprocess.margin,
@@ -235,7 +238,8 @@ def train_one(
         save_outputs(folder, model, spec, metrics, history, stats, run.info.run_id)
         write_reference(folder / paths.DRIFT_REFERENCE, model, train["images"])
         mlflow.log_artifacts(str(folder), artifact_path="outputs")
-        log_model(model, val["images"][:4])
+        # The run's model: image bytes -> faces, with the network and spec.json inside.
+        log_predictor(folder, params.registry.model_name)
     return CandidateRun(name=name, run_id=run.info.run_id, metrics=metrics, folder=folder)
 
 
@@ -462,17 +466,3 @@ def write_card(folder: Path, spec: ModelSpec, metrics: dict, stats: dict, run_id
     ]
     lines += [f"| {name} | {value} |" for name, value in metrics.items()]
     (folder / paths.MODEL_CARD_MD).write_text("\n".join(lines) + "\n")
-
-
-def log_model(model: keras.Model, example: np.ndarray) -> None:
-    """Log the model in MLflow's format with a signature and an input example.
-
-    The tensorflow flavour handles Keras 3 models; mlflow.keras.log_model (MLflow 3.17)
-    fails to write an input example because it does so before creating its folder.
-    """
-    import mlflow
-    from mlflow.models import infer_signature
-
-    example = example.astype(np.float32)
-    outputs = {name: np.asarray(value) for name, value in model.predict(example, verbose=0).items()}
-    mlflow.tensorflow.log_model(model, name="model", signature=infer_signature(example, outputs), input_example=example)

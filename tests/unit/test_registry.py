@@ -421,9 +421,22 @@ def test_champion_info_falls_back_to_the_runs_data_version(client, runs):
 
 def test_register_stage_registers_what_evaluate_decided(client, runs, tmp_path):
     root = tmp_path / "project"
-    write_json(root / paths.MODEL / paths.MODEL_CARD, {"mlflow_run_id": runs[0], "data_version": "abc123"})
+    card = {
+        "mlflow_run_id": runs[0],
+        "data_version": "abc123",
+        "model": "agegender (compact, dldl age head, 64px)",
+        "trained_on": "real",
+        "intended_use": "Research only.",
+    }
+    write_json(root / paths.MODEL / paths.MODEL_CARD, card)
     write_json(root / paths.EVAL / paths.GATE, FULL)
-    write_json(root / paths.EVAL / paths.TEST_METRICS, {"age_mae": 5.25, "n_samples": 30, "by_race": {}})
+    by_race = {
+        "White": {"n_samples": 20, "age_mae": 4.5, "gender_accuracy": 0.95},
+        "Black": {"n_samples": 10, "age_mae": 6.75, "gender_accuracy": 0.8},
+    }
+    metrics = {"age_mae": 5.25, "n_samples": 30, "gender_accuracy": 0.9, "by_race": by_race}
+    metrics |= {"age_mae_group_gap": 2.25, "gender_accuracy_group_gap": 0.15}
+    write_json(root / paths.EVAL / paths.TEST_METRICS, metrics)
 
     result = run_register_stage(root, Params(), tracking_uri=mlflow.get_tracking_uri())
 
@@ -433,3 +446,10 @@ def test_register_stage_registers_what_evaluate_decided(client, runs, tmp_path):
     assert tags["data_version"] == "abc123" and tags["git_commit"] == "unknown"
     assert (tags["test_age_mae"], tags["test_n_samples"]) == ("5.25", "30") and "test_by_race" not in tags
     assert tags["params_hash"] == hash_params(Params()) != hash_params(Params(registry={"model_name": "other"}))
+    # The card and the per-group test metrics travel with the version: its description and card/ files.
+    description = client.get_model_version(NAME, "1").description
+    assert "Research only." in description and "| Black | 10 | 6.75 | 0.8 |" in description
+    assert "age MAE 2.25 years (gate: at most 10)" in description
+    attached = mlflow.artifacts.download_artifacts(f"models:/{NAME}/1")
+    assert json.loads((Path(attached) / "card" / paths.MODEL_CARD).read_text()) == card
+    assert json.loads((Path(attached) / "card" / paths.TEST_METRICS).read_text())["by_race"] == by_race
