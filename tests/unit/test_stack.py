@@ -11,8 +11,7 @@ import pytest
 
 from agegender.config import ConfigError, StackParams, StackPorts, load_params
 from agegender.stack import StackError, _alive, check_ports, client_env, ensure_secrets, read_secrets
-from tests.conftest import free_port
-from tests.e2e.test_team_stack import free_port_block
+from tests.conftest import free_port, free_port_block
 
 
 def test_secrets_are_generated_once_and_readable_only_by_their_owner(tmp_path: Path):
