@@ -104,8 +104,8 @@ def start_retraining(reason: str) -> str:
 def window_bounds(hours: float, end: str | None) -> tuple[datetime, datetime]:
     """(since, until) in UTC; `end` is an ISO time (naive means UTC), default now."""
     until = datetime.fromisoformat(end) if end else datetime.now(UTC)
-    until = until if until.tzinfo else until.replace(tzinfo=UTC)
-    return until - timedelta(hours=hours), until.astimezone(UTC)
+    until = (until if until.tzinfo else until.replace(tzinfo=UTC)).astimezone(UTC)
+    return until - timedelta(hours=hours), until
 
 
 @flow(name=FLOW_NAME, description="Compare a window of served records with the champion's training reference.")

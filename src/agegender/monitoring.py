@@ -171,10 +171,11 @@ class RecordWriter:
 
 
 def read_records(url: str, *, since: datetime, until: datetime) -> list[dict]:
-    """The records served between `since` and `until` (UTC), oldest first."""
+    """The records served between `since` and `until` (aware datetimes), oldest first."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(url)
+    since, until = since.astimezone(UTC), until.astimezone(UTC)  # records hold UTC times, compared as text
     files = []
     day = since.date()
     while day <= until.date() + timedelta(days=1):  # a batch is written after its records: maybe the next day

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ import pytest
 
 from agegender.config import DriftParams
 from agegender.drift import FEATURES, check_drift, report_html
+from agegender.drift_flow import window_bounds
 from agegender.monitoring import RecordWriter, crop_stats, faces_table, image_record, read_records
 
 MODEL = {"version": "3", "data_version": "abc"}
@@ -70,6 +71,11 @@ def test_records_are_written_in_batches_and_read_back_by_window(tmp_path: Path):
         *range(7)
     ]
     assert read_records(str(tmp_path / "records"), since=after, until=after + timedelta(hours=1)) == []
+    elsewhere = timezone(timedelta(hours=-5))  # the same window, written in another time zone
+    again = read_records(
+        str(tmp_path / "records"), since=before.astimezone(elsewhere), until=after.astimezone(elsewhere)
+    )
+    assert len(again) == 7
 
 
 def test_a_batch_is_written_after_flush_seconds_and_uploads_only_when_asked(tmp_path: Path):
@@ -151,3 +157,13 @@ def test_the_html_report_holds_the_decision_table_and_histograms():
     assert "Drift check: DRIFT" in page and page.count("<tr class=drift>") == len(report.drifted_features)
     assert "data:image/png;base64," in page and all(name in page for name in FEATURES)
     assert report.as_dict()["drifted"] is True and "| feature |" in report.markdown()
+
+
+@pytest.mark.parametrize(
+    "end",
+    ["2026-03-01T12:00:00", "2026-03-01T12:00:00+00:00", "2026-03-01T07:00:00-05:00"],
+)
+def test_a_window_ends_at_a_utc_time_whatever_zone_it_is_given_in(end):
+    since, until = window_bounds(2.0, end)
+    assert until == datetime(2026, 3, 1, 12, tzinfo=UTC) and since == datetime(2026, 3, 1, 10, tzinfo=UTC)
+    assert until.utcoffset() == timedelta(0)
