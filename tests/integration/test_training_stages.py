@@ -7,6 +7,7 @@ import hashlib
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -59,10 +60,13 @@ def test_repro_trains_and_tracks_in_mlflow(trained_repo):
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1, 2]
     assert {"val_gender_accuracy", "train_images_per_s", "train_seconds"} <= set(run_info.data.metrics)
 
+    # The run's model is the whole predictor: image bytes in, the service's answer out.
     model = mlflow.pyfunc.load_model(f"runs:/{run_info.info.run_id}/model")
-    images = np.load(trained_repo / "artifacts/prepared/val.npz")["images"][:3].astype(np.float32)
-    predicted = model.predict(images)
-    assert predicted["age"].shape == (3, 1) and np.all((predicted["gender"] >= 0) & (predicted["gender"] <= 1))
+    files = sorted((trained_repo / "data/images").iterdir())[:3]
+    answers = model.predict(pd.DataFrame({"image": [f.read_bytes() for f in files]}))
+    assert len(answers) == 3 and all(a["width"] == 200 and a["height"] == 200 for a in answers)
+    faces = [face for a in answers for face in a["faces"]]
+    assert faces and all(0 <= face["age"] <= 120 and face["gender"] in ("female", "male") for face in faces)
 
 
 def test_repro_reruns_only_what_changed(trained_repo):
