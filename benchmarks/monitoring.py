@@ -3,11 +3,12 @@
 Needs a folder with a registered champion trained since drift references exist (its run has
 outputs/reference.csv) and the data it was trained on: a project after `dvc repro`, or
 `benchmarks/train_quality.py --keep DIR`.
-Run: .venv/bin/python benchmarks/monitoring.py --store DIR [--seconds 30] [--records 100000]
+Run: .venv/bin/python benchmarks/monitoring.py --store DIR [--seconds 15] [--rounds 6] [--records 100000]
 
-  * `bentoml serve` with monitor.enabled false and true, alternated (off, on, off, on) so a
-    change in the machine's load hits both: p50/p95 at 1 and 8 clients on three-face scenes
-    (benchmarks/scenes.py), and the records written;
+  * two `bentoml serve`, monitor.enabled false and true, both up and asked in turns (off, on,
+    on, off, ...) so a change in the machine's load hits both: p50/p95 at 1 and 8 clients on
+    three-face scenes (benchmarks/scenes.py), the cost per round and its median; and in
+    process, without HTTP and the machine's noise, the milliseconds monitoring adds per scene;
   * 100,000 served-input records (faces drawn from the champion's reference, ages shifted for
     the second half of the day) written by the service's RecordWriter, then the drift check's
     parts: reading the window, comparing it with the reference, the HTML report; and the
@@ -18,6 +19,7 @@ Writes benchmarks/results/monitoring.json. Clients run on the same 2-core machin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -41,13 +43,20 @@ RESULTS = ROOT / "benchmarks" / "results" / "monitoring.json"
 BIN = Path(sys.executable).parent
 
 
-def serve_and_measure(store: Path, scenes: list[dict], enabled: bool, seconds: float, work: Path, port: int) -> dict:
+@contextlib.contextmanager
+def serving(store: Path, enabled: bool, work: Path, port: int):
+    """A `bentoml serve` of the store's champion with monitor.enabled as given; yields its URL."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["monitor"].update({"enabled": enabled, "records": str(work / f"records-{port}")})
     params_file = work / f"params-{port}.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
+    # Each server a BENTOML_HOME of its own: a start empties the home's Prometheus folder.
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
+        "BENTOML_HOME": str(work / f"bentoml-{port}"),
+    }
     log = (work / f"serve-{port}.log").open("w")
     command = [str(BIN / "bentoml"), "serve", "service.service:AgeGender", "--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(
@@ -59,11 +68,7 @@ def serve_and_measure(store: Path, scenes: list[dict], enabled: bool, seconds: f
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"bentoml serve did not start; see {log.name}")
             time.sleep(1)
-        load(url, scenes, 4, 5)  # warm-up: graph tracing, connection pools
-        runs = {"monitoring": enabled}
-        for clients in (1, 8):
-            print(f"  monitor.enabled={enabled}: {clients} clients for {seconds} s", flush=True)
-            runs[str(clients)] = load(url, scenes, clients, seconds)
+        yield url
     finally:
         os.killpg(process.pid, 15)
         try:
@@ -71,22 +76,89 @@ def serve_and_measure(store: Path, scenes: list[dict], enabled: bool, seconds: f
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, 9)
             process.wait(timeout=30)
-    records = sum(len(f.read_text().splitlines()) for f in (work / f"records-{port}").rglob("*.jsonl"))
-    return runs | {"records_written": records}
 
 
-def service_cost(store: Path, scenes: list[dict], seconds: float, work: Path) -> dict:
-    rounds = [serve_and_measure(store, scenes, on, seconds, work, 3800 + i) for i, on in enumerate([0, 1, 0, 1])]
-    summary = {}
+def service_cost(store: Path, scenes: list[dict], seconds: float, rounds: int, work: Path) -> dict:
+    """Both servers up (idle when not asked), asked in turns, so a change in the machine's load hits both."""
+    results = {False: {"1": [], "8": []}, True: {"1": [], "8": []}}
+    with serving(store, False, work, 3801) as off, serving(store, True, work, 3802) as on:
+        for url in (off, on):
+            load(url, scenes, 4, 5)  # warm-up: graph tracing, connection pools
+        for index in range(rounds):
+            order = [(False, off), (True, on)] if index % 2 == 0 else [(True, on), (False, off)]
+            for enabled, url in order:
+                for clients in (1, 8):
+                    print(f"  round {index + 1}: monitor.enabled={enabled}, {clients} clients", flush=True)
+                    results[enabled][str(clients)].append(load(url, scenes, clients, seconds))
+    records = sum(len(f.read_text().splitlines()) for f in (work / "records-3802").rglob("*.jsonl"))
+    summary = {"rounds": rounds, "seconds_per_turn": seconds, "records_written_with_monitoring": records}
     for clients in ("1", "8"):
-        off = statistics.median(r[clients]["p50_ms"] for r in rounds if not r["monitoring"])
-        on = statistics.median(r[clients]["p50_ms"] for r in rounds if r["monitoring"])
+        pairs = zip(results[False][clients], results[True][clients], strict=True)
+        costs = [100 * (b["p50_ms"] - a["p50_ms"]) / a["p50_ms"] for a, b in pairs]
         summary[f"{clients}_clients"] = {
-            "p50_ms_off": off,
-            "p50_ms_on": on,
-            "p50_cost_percent": round(100 * (on - off) / off, 1),
+            "p50_ms_off": [r["p50_ms"] for r in results[False][clients]],
+            "p50_ms_on": [r["p50_ms"] for r in results[True][clients]],
+            "p95_ms_off": [r["p95_ms"] for r in results[False][clients]],
+            "p95_ms_on": [r["p95_ms"] for r in results[True][clients]],
+            "errors": sum(r["errors"] for r in results[False][clients] + results[True][clients]),
+            "error_statuses": sorted(
+                {c for r in results[False][clients] + results[True][clients] for c in r["error_statuses"]}
+            ),
+            "p50_cost_percent_per_round": [round(c, 1) for c in costs],
+            "p50_cost_percent_median": round(statistics.median(costs), 1),
         }
-    return {"rounds": rounds, "summary": summary}
+    return summary
+
+
+def in_process_cost(store: Path, scenes: list[dict], work: Path, repeats: int = 60) -> dict:
+    """What monitoring adds per request without HTTP: the crop statistics and the front's part
+    (metrics and the record), each timed on its own; and, as a check, the model path with and
+    without the statistics, timed in turns so the machine's load hits both."""
+    import cv2
+
+    from agegender.faces import crop_face
+    from agegender.inference import Predictor
+    from agegender.monitoring import RecordWriter, crop_stats, image_record, service_metrics
+    from agegender.tracking import configure_tracking
+
+    configure_tracking(store, f"sqlite:///{store / 'mlflow.db'}")
+    predictor = Predictor.from_registry("models:/agegender@champion")
+    images = [cv2.imdecode(np.frombuffer(s["jpeg"], np.uint8), cv2.IMREAD_COLOR) for s in scenes]
+    predictor.predict_images(images[:1])  # warm-up
+    times = {False: [], True: []}
+    for index in range(repeats):
+        for observe in (False, True) if index % 2 == 0 else (True, False):
+            started = time.perf_counter()
+            predictor.predict_images([images[index % len(images)]], observe=observe)
+            times[observe].append(time.perf_counter() - started)
+    plain, observed = (statistics.median(times[flag]) * 1000 for flag in (False, True))
+
+    faces = predictor.predict_images(images[:1], observe=True)[0]
+    boxes = predictor.detector.detect(images[0])
+    size, margin = predictor.spec.image_size, predictor.spec.margin
+    crops = np.stack([crop_face(images[0], box, margin=margin, size=size) for box in boxes])
+    started = time.perf_counter()
+    for _ in range(500):
+        crop_stats(crops)
+    stats = (time.perf_counter() - started) / 500 * 1000
+    metrics, model = service_metrics(), predictor.describe()
+    writer = RecordWriter(str(work / "records-in-process"), batch_records=200, flush_seconds=60)
+    started = time.perf_counter()
+    for _ in range(2000):
+        metrics.observe([(640, 480)], [faces], model, 0.001)
+        writer.add(image_record(request="r", route="predict", width=640, height=480, faces=faces, model=model))
+    front = (time.perf_counter() - started) / 2000 * 1000
+    writer.close()
+    return {
+        "faces_per_scene": len(faces),
+        "crop_px": size,
+        "crop_stats_ms": round(stats, 3),
+        "metrics_and_record_ms": round(front, 3),
+        "monitoring_ms": round(stats + front, 3),
+        "predict_ms": round(plain, 2),
+        "monitoring_percent_of_predict": round(100 * (stats + front) / plain, 2),
+        "check_predict_with_crop_stats_ms": round(observed, 2),
+    }
 
 
 def synthetic_records(reference: pd.DataFrame, count: int, version: str) -> list[dict]:
@@ -151,7 +223,9 @@ def drift_cost(store: Path, count: int, work: Path) -> dict:
     window = faces_table(read_records(str(folder), since=since, until=until))
     read_s = time.perf_counter() - started
     started = time.perf_counter()
-    report = check_drift(reference, window, settings.drift, model="bench", start="", end="")
+    report = check_drift(
+        reference, window, settings.drift, model=f"agegender v{version.version}", start=str(since), end=str(until)
+    )
     compare_s = time.perf_counter() - started
     started = time.perf_counter()
     page = report_html(report, reference, window)
@@ -187,7 +261,8 @@ def drift_cost(store: Path, count: int, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, required=True, help="a project folder with mlflow.db and a champion")
-    parser.add_argument("--seconds", type=float, default=30.0, help="load time per round and client count")
+    parser.add_argument("--seconds", type=float, default=15.0, help="load time per turn (server, client count)")
+    parser.add_argument("--rounds", type=int, default=6, help="turns of each server at 1 and 8 clients")
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--scenes", type=int, default=30)
     args = parser.parse_args()
@@ -195,8 +270,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="agegender-monitoring-bench-"))
     try:
         results = {"machine": {"cpus": os.cpu_count()}, "store": str(store)}
-        results["service"] = service_cost(store, make_scenes(store, args.scenes), args.seconds, work)
-        print(json.dumps(results["service"]["summary"], indent=2), flush=True)
+        scenes = make_scenes(store, args.scenes)
+        results["in_process"] = in_process_cost(store, scenes, work)
+        print(json.dumps(results["in_process"], indent=2), flush=True)
+        results["service"] = service_cost(store, scenes, args.seconds, args.rounds, work)
+        print(json.dumps(results["service"], indent=2), flush=True)
         results["drift_check"] = drift_cost(store, args.records, work)
         print(json.dumps(results["drift_check"], indent=2), flush=True)
     finally:
