@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -213,9 +214,10 @@ class TeamStack:
 
 
 def free_port_block(size: int) -> int:
-    """The first of `size` consecutive free ports (SeaweedFS's internal servers)."""
+    """The first of `size` consecutive free ports (SeaweedFS's internal servers), below Linux's ephemeral
+    range (32768+), so no client connection takes one while a stopped service waits to restart."""
     for _ in range(200):
-        first = free_port()
+        first = random.randrange(20000, 32000)
         if first + size > 65535:
             continue
         try:
@@ -230,10 +232,10 @@ def free_port_block(size: int) -> int:
 
 def stack_ports() -> dict:
     return {
-        "postgres": free_port(),
-        "s3": free_port(),
-        "mlflow": free_port(),
-        "prefect": free_port(),
+        "postgres": free_port_block(1),
+        "s3": free_port_block(1),
+        "mlflow": free_port_block(1),
+        "prefect": free_port_block(1),
         "seaweed": free_port_block(SEAWEED_PORTS),
     }
 
