@@ -316,8 +316,22 @@ def evaluated(stack: Stack, tmp_path_factory) -> Path:
 
 def write_evaluation(repo: Path, run_id: str, data_version: str) -> None:
     files = {
-        "artifacts/model/card.json": {"mlflow_run_id": run_id, "data_version": data_version},
-        "artifacts/eval/metrics.json": {"age_mae": 9.5, "gender_accuracy": 0.8},
+        # The shapes the train and evaluate stages write (the register stage describes the version from them).
+        "artifacts/model/card.json": {
+            "mlflow_run_id": run_id,
+            "data_version": data_version,
+            "model": "agegender (placeholder for the fault tests)",
+            "trained_on": "real",
+            "intended_use": "Registry fault tests only.",
+        },
+        "artifacts/eval/metrics.json": {
+            "n_samples": 10,
+            "age_mae": 9.5,
+            "gender_accuracy": 0.8,
+            "by_race": {"0": {"n_samples": 10, "age_mae": 9.5, "gender_accuracy": 0.8}},
+            "age_mae_group_gap": 0.0,
+            "gender_accuracy_group_gap": 0.0,
+        },
         "artifacts/eval/gate.json": GATE,
     }
     for name, content in files.items():
