@@ -83,6 +83,16 @@ def copy_batch(folder: Path, count: int, offset: int) -> Path:
     return folder
 
 
+def connected(pid: int, port: int) -> bool:
+    """The process holds a TCP connection to `port`."""
+    import psutil
+
+    try:
+        return any(c.raddr and c.raddr.port == port for c in psutil.Process(pid).net_connections("tcp"))
+    except psutil.NoSuchProcess:
+        return False
+
+
 def tree_digest(repo: Path) -> str:
     """One hash over data/ and data.dvc, to show a command left them as they were."""
     digest = hashlib.sha256((repo / "data.dvc").read_bytes())
@@ -219,30 +229,36 @@ def test_the_object_store_dying_mid_push_fails_clearly_and_the_push_completes_af
     run("agegender", "data", "ingest", str(batch), "--append", cwd=stack.repo, env=stack.env)
     run("dvc", "remote", "default", "team", cwd=stack.repo)
     digest = tree_digest(stack.repo)
-    before = len(keys(stack, "agegender-dvc"))
     # botocore retries a refused connection 4 times by default (minutes over many files); 2 attempts keep it short.
     env = {**stack.env, "AWS_MAX_ATTEMPTS": "2"}
 
+    # The store hangs (SIGSTOP), the push connects to it, then the store dies: the crash is always mid-push.
+    store = int((stack.root / "run" / "s3.pid").read_text())
+    os.killpg(store, signal.SIGSTOP)
     push = subprocess.Popen(
         ["dvc", "push"], cwd=stack.repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    deadline = time.monotonic() + 90
-    while len(keys(stack, "agegender-dvc")) == before:  # wait for the first new objects to land
-        assert push.poll() is None and time.monotonic() < deadline, "dvc push ended before it could be interrupted"
-        time.sleep(0.05)
-    os.killpg(int((stack.root / "run" / "s3.pid").read_text()), signal.SIGKILL)  # the store crashes
-    output = push.communicate(timeout=120)[0]
-    assert push.returncode != 0, output
-    assert "failed to push data to the cloud" in output and "Could not connect to the endpoint URL" in output, output
-    assert tree_digest(stack.repo) == digest  # a failed push changes neither data/ nor data.dvc
+    try:
+        deadline = time.monotonic() + 90
+        while not connected(push.pid, stack.ports["s3"]):
+            assert push.poll() is None and time.monotonic() < deadline, "dvc push never connected to the store"
+            time.sleep(0.05)
+        os.killpg(store, signal.SIGKILL)
+        output = push.communicate(timeout=120)[0]
+        assert push.returncode != 0, output
+        assert "Could not connect to the endpoint URL" in output, output  # names the store it lost
+        assert tree_digest(stack.repo) == digest  # a failed push changes neither data/ nor data.dvc
 
-    status = run("agegender", "stack", "status", cwd=stack.repo, check=False)
-    assert status.returncode == 1 and "s3        down" in status.stdout, status.stdout
-    again = run("dvc", "push", cwd=stack.repo, check=False, env=env)
-    assert again.returncode != 0 and "Could not connect to the endpoint URL" in again.stderr, again.stderr
-    assert tree_digest(stack.repo) == digest
-
-    up = run("agegender", "stack", "up", cwd=stack.repo)
+        status = run("agegender", "stack", "status", cwd=stack.repo, check=False)
+        assert status.returncode == 1 and "s3        down" in status.stdout, status.stdout
+        again = run("dvc", "push", cwd=stack.repo, check=False, env=env)
+        assert again.returncode != 0 and "Could not connect to the endpoint URL" in again.stderr, again.stderr
+        assert tree_digest(stack.repo) == digest
+    finally:
+        push.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(store, signal.SIGKILL)  # never left frozen
+        up = run("agegender", "stack", "up", cwd=stack.repo)  # the later tests need the store, also after a failure
     assert "starting s3" in up.stderr and "mlflow is already running" in up.stderr, up.stderr
     done = run("dvc", "push", cwd=stack.repo, env=env)
     assert "pushed" in done.stdout, done.stdout
