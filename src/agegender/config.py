@@ -141,6 +141,10 @@ class RegistryParams(Section):
 class ScheduleParams(Section):
     cron: str = "0 3 * * 1"
     timezone: str = "UTC"
+    # Runs on the work pool's workers (prefect.yaml): a run whose worker host dies stops sending heartbeats.
+    heartbeat_seconds: int = Field(30, ge=30, description="flow-run heartbeat interval (Prefect's minimum is 30)")
+    missed_heartbeats: int = Field(3, ge=2, description="a running flow run silent this many intervals is Crashed")
+    crash_retries: int = Field(2, ge=0, le=10, description="times a Crashed run is put back for any worker to take")
 
 
 class ServeParams(Section):

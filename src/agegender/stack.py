@@ -40,6 +40,7 @@ SECRETS_FILE = "secrets.env"
 START_SECONDS = {"postgres": 60, "s3": 60, "mlflow": 120, "prefect": 180}  # first starts run migrations
 STOP_SECONDS = 30  # SeaweedFS's filer waits up to 15 s for its gRPC streams before it exits
 PG_ROLES = ("mlflow", "prefect")  # one database per role, owned by it
+SAMEHOST_RULE = "host all all samehost scram-sha-256"  # pg_hba.conf: clients on the server's own addresses
 
 
 class StackError(RuntimeError):
@@ -260,12 +261,22 @@ def start_postgres(root: Path, cfg: StackParams, values: dict[str, str], base_en
     conf = data / "agegender.conf"
     conf.write_text(f"listen_addresses = '{cfg.host}'\nport = {cfg.ports.postgres}\nunix_socket_directories = ''\n")
     _give_to_postgres(conf)
+    _allow_same_host(data / "pg_hba.conf")
     log = log_path(root, "postgres")
     result = _run_as_postgres(
         [_pg_bin("pg_ctl"), "start", "-D", data, "-l", log, "-w", "-t", str(START_SECONDS["postgres"])], cwd=folder
     )
     if result.returncode != 0:
         raise StackError(f"postgres did not start: {result.stderr.strip() or result.stdout.strip()}\n{_tail(log)}")
+
+
+def _allow_same_host(hba: Path) -> None:
+    """Let the MLflow and Prefect servers log in over stack.host when it is not 127.0.0.1: a client on the
+    server's own machine connects from that address, which initdb's rules (loopback only) refuse.
+    `samehost` matches only the server's own addresses, so other hosts are still refused."""
+    if SAMEHOST_RULE not in hba.read_text():
+        with hba.open("a") as handle:
+            handle.write(SAMEHOST_RULE + "\n")
 
 
 def _init_postgres(folder: Path, values: dict[str, str]) -> None:
