@@ -257,6 +257,17 @@ class StackParams(Section):
     buckets: StackBuckets = StackBuckets()
 
 
+class ScaleParams(Section):
+    """Where the data-parallel work runs: this machine's threads, or a Dask cluster (README: Scale out)."""
+
+    dask_scheduler: str | None = Field(
+        None,
+        pattern=r"^(tcp|tls)://.+:\d+$",
+        description="null: local threads; tcp://HOST:PORT: face detection shards and candidates on its workers",
+    )
+    shard_images: int = Field(200, ge=1, le=100_000, description="images per face-detection task on the cluster")
+
+
 class Params(Section):
     data: DataParams = DataParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
@@ -269,6 +280,7 @@ class Params(Section):
     serve: ServeParams = ServeParams()
     monitor: MonitorParams = MonitorParams()
     stack: StackParams = StackParams()
+    scale: ScaleParams = ScaleParams()
 
     @model_validator(mode="after")
     def _check_candidates(self) -> Params:
@@ -287,10 +299,10 @@ class Params(Section):
     def model_settings(self, exclude: frozenset[str] = frozenset()) -> dict:
         """The sections that make a model, as MLflow logs them and the registry hashes them.
 
-        `stack` says where the team's servers run and `monitor` how the served model is watched,
-        not how a model is made: both are left out.
+        `stack` says where the team's servers run, `monitor` how the served model is watched and
+        `scale` where the work runs (the results are the same), not how a model is made: all are left out.
         """
-        return self.model_dump(by_alias=True, mode="json", exclude={"stack", "monitor", *exclude})
+        return self.model_dump(by_alias=True, mode="json", exclude={"stack", "monitor", "scale", *exclude})
 
     def candidate_train(self, candidate: Candidate) -> TrainParams:
         """The train section with the candidate's overrides applied (nested sections merged)."""

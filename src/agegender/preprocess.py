@@ -16,11 +16,13 @@ from rich.progress import track
 from sklearn.model_selection import train_test_split
 
 from agegender import paths
-from agegender.config import Params, PreprocessParams
+from agegender.config import Params, PreprocessParams, ScaleParams
 from agegender.faces import Detector, DetectorPool, crop_chip
 from agegender.files import atomic_dir, write_json
-from agegender.images import ImageError, read_image
+from agegender.images import FILE_LIMITS, ImageError, decode_image
 from agegender.labels import bucket_ages
+
+LOCAL = ScaleParams()  # no Dask scheduler: this machine's threads
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ def run_preprocess_stage(root: Path, params: Params) -> PreprocessResult:
         root / paths.PREPARED,
         params.preprocess,
         params.validate_.age_buckets,
+        params.scale,
     )
     return PreprocessResult(
         rows=stats["rows"],
@@ -61,14 +64,29 @@ def run_preprocess_stage(root: Path, params: Params) -> PreprocessResult:
 
 
 def prepare_dataset(
-    manifest: Path, data_dir: Path, out_dir: Path, params: PreprocessParams, age_buckets: list[int]
+    manifest: Path,
+    data_dir: Path,
+    out_dir: Path,
+    params: PreprocessParams,
+    age_buckets: list[int],
+    scale: ScaleParams = LOCAL,
 ) -> dict:
-    """Crop, split and cache the rows of the validated manifest; returns the stats written."""
+    """Crop, split and cache the rows of the validated manifest; returns the stats written.
+
+    The crops come from this machine's threads or, with scale.dask_scheduler, from a Dask
+    cluster's workers: the same crops either way (the split depends on the labels alone).
+    """
     rows = pd.read_csv(manifest, dtype={"race": "Int64"})
     if rows.empty:
         raise ValueError(f"{manifest}: no valid rows to preprocess")
     start = time.perf_counter()
-    crops, fallback = crop_all([data_dir / f for f in rows["file"]], params)
+    files = [data_dir / f for f in rows["file"]]
+    if scale.dask_scheduler is None:
+        crops, fallback = crop_all(files, params)
+    else:
+        from agegender.cluster import crop_on_cluster
+
+        crops, fallback = crop_on_cluster(scale.dask_scheduler, files, params, scale.shard_images)
     seconds = time.perf_counter() - start
     rows["fallback"] = fallback
     rows["split"] = split_stratified(rows, params, age_buckets)
@@ -87,16 +105,21 @@ def crop_all(files: list[Path], params: PreprocessParams) -> tuple[np.ndarray, n
     """Decode, detect and crop in parallel threads; returns the crops and which ones fell back."""
 
     def crop_one(detector: Detector, path: Path) -> tuple[np.ndarray, bool]:
-        try:
-            image = read_image(path)
-        except ImageError as err:
-            raise ValueError(f"{path}: {err} (was validation skipped?)") from None
-        return crop_chip(detector, image, margin=params.margin, size=params.image_size)
+        return crop_image(detector, str(path), path.read_bytes(), params)
 
     with DetectorPool(params.detector, params.workers) as pool:
         results = list(track(pool.map(crop_one, files), total=len(files), description="Detecting and cropping faces"))
     crops = np.stack([crop for crop, _ in results])
     return crops, np.array([used for _, used in results])
+
+
+def crop_image(detector: Detector, name: str, data: bytes, params: PreprocessParams) -> tuple[np.ndarray, bool]:
+    """One image file's bytes -> its crop and whether it fell back; the same on a thread or a Dask worker."""
+    try:
+        image = decode_image(data, FILE_LIMITS)
+    except ImageError as err:
+        raise ValueError(f"{name}: {err} (was validation skipped?)") from None
+    return crop_chip(detector, image, margin=params.margin, size=params.image_size)
 
 
 def split_stratified(rows: pd.DataFrame, params: PreprocessParams, age_buckets: list[int]) -> np.ndarray:

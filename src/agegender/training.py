@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,23 +131,37 @@ def train_candidates(
         with mlflow.start_run(run_name=run_name) as parent:
             mlflow.set_tags({"data_version": data_version, "git_commit": git_commit, "role": "parent"})
             mlflow.log_params(flatten(params.model_settings(exclude=frozenset({"candidates"}))))
-            for candidate in params.candidates:
-                cfg = params.candidate_train(candidate)
-                check_inputs(train, val, params.preprocess.image_size, cfg.batch_size)
-                results.append(
-                    train_one(
-                        candidate.name,
-                        cfg,
-                        params,
-                        train,
-                        val,
-                        stats,
-                        # a dot name cannot clash with an output file name
-                        staging / f".candidate-{candidate.name}",
-                        data_version=data_version,
-                        git_commit=git_commit,
-                        run_name=f"{run_name}/{candidate.name}",
+            if params.scale.dask_scheduler is None:  # one after another, in this process
+                for candidate in params.candidates:
+                    cfg = params.candidate_train(candidate)
+                    check_inputs(train, val, params.preprocess.image_size, cfg.batch_size)
+                    results.append(
+                        train_one(
+                            candidate.name,
+                            cfg,
+                            params,
+                            train,
+                            val,
+                            stats,
+                            # a dot name cannot clash with an output file name
+                            staging / f".candidate-{candidate.name}",
+                            data_version=data_version,
+                            git_commit=git_commit,
+                            run_name=f"{run_name}/{candidate.name}",
+                        )
                     )
+            else:
+                results = train_on_dask(
+                    params.scale.dask_scheduler,
+                    params,
+                    train,
+                    val,
+                    stats,
+                    staging,
+                    parent_run_id=parent.info.run_id,
+                    data_version=data_version,
+                    git_commit=git_commit,
+                    run_name=run_name,
                 )
             winner = min(results, key=lambda r: r.metrics["val_age_mae"])
             mlflow.set_tags({"winner": winner.name, "winner_run_id": winner.run_id})
@@ -169,6 +184,111 @@ def train_candidates(
     return summary
 
 
+def train_on_dask(
+    address: str,
+    params: Params,
+    train: dict,
+    val: dict,
+    stats: dict,
+    staging: Path,
+    *,
+    parent_run_id: str,
+    data_version: str,
+    git_commit: str,
+    run_name: str,
+) -> list[CandidateRun]:
+    """Every candidate at once, each a task on a worker of the Dask cluster at `address`.
+
+    Each trains in its own child run of `parent_run_id` and sends its outputs back into
+    staging/.candidate-NAME, as train_one writes them in the serial path.
+    """
+    import mlflow
+    from distributed import as_completed
+    from rich.progress import track
+
+    from agegender.cluster import connect
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        raise TrainingError(
+            f"candidates on the Dask cluster at {address} (scale.dask_scheduler) are tracked from the workers: "
+            f"set MLFLOW_TRACKING_URI to an MLflow server they reach (now {uri})"
+        )
+    for candidate in params.candidates:
+        check_inputs(train, val, params.preprocess.image_size, params.candidate_train(candidate).batch_size)
+    experiment_id = mlflow.get_run(parent_run_id).info.experiment_id
+    with connect(address) as client:
+        # Every worker holds the splits, so the scheduler places candidates on idle workers, not near the data.
+        [data] = client.scatter([(train, val, stats)], broadcast=True)
+        futures = [
+            client.submit(
+                train_on_worker,
+                candidate.name,
+                params.candidate_train(candidate),
+                params,
+                data,
+                tracking_uri=uri,
+                experiment_id=experiment_id,
+                parent_run_id=parent_run_id,
+                data_version=data_version,
+                git_commit=git_commit,
+                run_name=f"{run_name}/{candidate.name}",
+                key=f"candidate-{parent_run_id}-{candidate.name}",
+            )
+            for candidate in params.candidates
+        ]
+        results = {}
+        description = f"Training candidates on the Dask cluster at {address}"
+        for future in track(as_completed(futures), total=len(futures), description=description):
+            name, run_id, metrics, outputs = future.result()  # re-raises a candidate's TrainingError
+            folder = staging / f".candidate-{name}"
+            for relative, content in outputs.items():
+                (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+                (folder / relative).write_bytes(content)
+            results[name] = CandidateRun(name=name, run_id=run_id, metrics=metrics, folder=folder)
+    return [results[candidate.name] for candidate in params.candidates]
+
+
+def train_on_worker(
+    name: str,
+    cfg: TrainParams,
+    params: Params,
+    data: tuple[dict, dict, dict],
+    *,
+    tracking_uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    data_version: str,
+    git_commit: str,
+    run_name: str,
+) -> tuple[str, str, dict, dict[str, bytes]]:
+    """A Dask task: train_one on this worker; (name, run id, metrics, output files by relative path)."""
+    import mlflow
+    from distributed import get_worker
+
+    train, val, stats = data
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "outputs"
+        run = train_one(
+            name,
+            cfg,
+            params,
+            train,
+            val,
+            stats,
+            folder,
+            data_version=data_version,
+            git_commit=git_commit,
+            run_name=run_name,
+            parent_run_id=parent_run_id,
+        )
+        outputs = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    mlflow.MlflowClient().set_tag(run.run_id, "dask_worker", get_worker().address)
+    return name, run.run_id, run.metrics, outputs
+
+
 def train_one(
     name: str,
     cfg: TrainParams,
@@ -181,6 +301,7 @@ def train_one(
     data_version: str,
     git_commit: str,
     run_name: str,
+    parent_run_id: str | None = None,
 ) -> CandidateRun:
     """Fit one candidate in a child run; its outputs go to `folder`."""
     import mlflow
@@ -196,7 +317,8 @@ def train_one(
         data_version=data_version,
         trained_on="demo" if stats.get("sources") == ["demo"] else "real",
     )
-    with mlflow.start_run(run_name=run_name, nested=True) as run:
+    # parent_run_id: the parent when it is not this thread's active run (a candidate on a Dask worker)
+    with mlflow.start_run(run_name=run_name, nested=True, parent_run_id=parent_run_id) as run:
         mlflow.log_params(
             flatten(
                 {
