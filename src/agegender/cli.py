@@ -8,6 +8,7 @@ commands so `--help` and data ingest stay fast.
 from __future__ import annotations
 
 import os
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,7 +29,10 @@ stack_app = typer.Typer(
     help="The team stack on this machine: PostgreSQL, an S3 store, MLflow and Prefect servers.", no_args_is_help=True
 )
 app.add_typer(stack_app, name="stack")
-flow_app = typer.Typer(help="The Prefect training flow: run it once, or serve it on a schedule.", no_args_is_help=True)
+flow_app = typer.Typer(
+    help="The Prefect training flow: run it once, serve it on a schedule, or deploy it to a work pool.",
+    no_args_is_help=True,
+)
 app.add_typer(flow_app, name="flow")
 monitor_app = typer.Typer(help="What production sees: the drift check on the service's records.", no_args_is_help=True)
 app.add_typer(monitor_app, name="monitor")
@@ -404,15 +408,30 @@ def flow_run_command(
 @flow_app.command("serve")
 def flow_serve_command(params_file: Path = PARAMS) -> None:
     """Serve the flow as deployment agegender-training/retrain on schedule.cron, against PREFECT_API_URL."""
-    import urllib.request
-
-    from prefect.settings import PREFECT_API_URL
-
     from agegender.drift_flow import DEPLOYMENT as DRIFT
     from agegender.drift_flow import FLOW_NAME as DRIFT_FLOW
     from agegender.flow import DEPLOYMENT, FLOW_NAME, serve_deployment
 
     params = params_or_exit(params_file)
+    api = require_prefect_api()
+    schedule = params.schedule
+    console.print(
+        f"Serving deployment '{FLOW_NAME}/{DEPLOYMENT}' against the Prefect API at {api}; cron "
+        f"'{schedule.cron}' ({schedule.timezone}): a scheduled run retrains only when data.dvc's data version "
+        f"differs from the champion's. Beside it '{DRIFT_FLOW}/{DRIFT}', cron '{params.monitor.drift.cron}'. "
+        "Stop with Ctrl-C."
+    )
+    serve_deployment(
+        Path.cwd(), name=DEPLOYMENT, cron=schedule.cron, timezone=schedule.timezone, monitor=params.monitor
+    )
+
+
+def require_prefect_api() -> str:
+    """PREFECT_API_URL, once its server answers: schedules and workers need a real Prefect server."""
+    import urllib.request
+
+    from prefect.settings import PREFECT_API_URL
+
     api = PREFECT_API_URL.value()
     if not api:
         raise fail(
@@ -425,15 +444,31 @@ def flow_serve_command(params_file: Path = PARAMS) -> None:
         raise fail(
             f"the Prefect API at PREFECT_API_URL={api} does not answer ({err}); start `prefect server start`"
         ) from None
+    return api
+
+
+@flow_app.command("deploy")
+def flow_deploy_command(params_file: Path = PARAMS) -> None:
+    """Deploy prefect.yaml's deployments on the work pool at the current commit; workers run them."""
+    from agegender.flow import deploy_to_work_pool
+
+    params = params_or_exit(params_file)
+    require_prefect_api()
+    # Workers clone the deployed commit from origin: it must be there.
+    fetched = subprocess.run(["git", "fetch", "-q", "origin"], capture_output=True, text=True)
+    if fetched.returncode != 0:
+        raise fail(f"cannot fetch from the git remote 'origin', which workers clone: {fetched.stderr.strip()}")
+    pushed = subprocess.run(["git", "branch", "-r", "--contains", "HEAD"], capture_output=True, text=True)
+    if not pushed.stdout.strip():
+        raise fail("HEAD is on no branch of the git remote 'origin', which workers clone: `git push` it first")
     schedule = params.schedule
+    try:
+        names = deploy_to_work_pool(Path.cwd(), schedule, log=lambda line: console.print(line, markup=False))
+    except (OSError, RuntimeError) as err:  # prefect.yaml missing, or `prefect deploy` failed (its output is above)
+        raise fail(str(err)) from None
     console.print(
-        f"Serving deployment '{FLOW_NAME}/{DEPLOYMENT}' against the Prefect API at {api}; cron "
-        f"'{schedule.cron}' ({schedule.timezone}): a scheduled run retrains only when data.dvc's data version "
-        f"differs from the champion's. Beside it '{DRIFT_FLOW}/{DRIFT}', cron '{params.monitor.drift.cron}'. "
-        "Stop with Ctrl-C."
-    )
-    serve_deployment(
-        Path.cwd(), name=DEPLOYMENT, cron=schedule.cron, timezone=schedule.timezone, monitor=params.monitor
+        f"Deployed {', '.join(names)} (retrain on cron '{schedule.cron}', {schedule.timezone}). "
+        "Start workers on any host: prefect worker start --pool agegender"
     )
 
 

@@ -8,25 +8,33 @@ stage's processes, the stages' output in the run logs, and report artifacts.
 
     agegender flow run      # once (what `make run` runs)
     agegender flow serve    # the `retrain` deployment on params.yaml's schedule (and the drift check's)
+    agegender flow deploy   # prefect.yaml's deployments on the work pool; `prefect worker start` runs them
+
+On a work pool a run whose worker host dies is marked Crashed when its heartbeats stop, and put
+back for another worker (two automations, see `deploy`); the MLflow runs its stages had open are
+then ended as KILLED, so none is left looking alive.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from pathlib import Path
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from agegender import paths, pipeline
-from agegender.config import MonitorParams, load_params
+from agegender.config import MonitorParams, ScheduleParams, load_params
 
 FLOW_NAME = "agegender-training"
 DEPLOYMENT = "retrain"
@@ -35,15 +43,18 @@ RETRIES = {"retries": 2, "retry_delay_seconds": [10, 30]}
 RETRIED_STAGES = {"evaluate", "register"}  # they read and write the registry
 STAGE_SECONDS = {"train": 2 * 3600}
 DEFAULT_STAGE_SECONDS = 3600
+RUN_TAG = "prefect_flow_run_id"  # on every MLflow run a stage starts: which flow run it belongs to
 
 
 class StageTimeout(TimeoutError):
     """A stage ran past its time limit; its processes were stopped."""
 
 
-def run_logged(command: list[str], *, cwd: Path, seconds: float, log: Callable[[str], object]) -> None:
-    """Run command, passing each output line to log; stop its whole process group after `seconds`."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")  # Rich wraps at 80 columns without a terminal
+def run_logged(
+    command: list[str], *, cwd: Path, seconds: float, log: Callable[[str], object], env: Mapping[str, str] = {}
+) -> None:
+    """Run command with env added, passing each output line to log; stop its process group after `seconds`."""
+    env = dict(os.environ, **env, PYTHONUNBUFFERED="1", COLUMNS="200")  # Rich wraps at 80 columns without a terminal
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this environment's CLI
     proc = subprocess.Popen(
         command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
@@ -111,8 +122,32 @@ def run_stage(root: Path, stage: str) -> bool:
         return False
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     logger.info("$ dvc repro --single-item %s   (in %s)", stage, root)
-    run_logged(command, cwd=root, seconds=STAGE_SECONDS.get(stage, DEFAULT_STAGE_SECONDS), log=logger.info)
+    # MLflow tags every run the stage starts with these (its MLFLOW_RUN_CONTEXT): a retry finds them.
+    tags = {"MLFLOW_RUN_CONTEXT": json.dumps({RUN_TAG: str(flow_run.id)})} if flow_run.id else {}
+    seconds = STAGE_SECONDS.get(stage, DEFAULT_STAGE_SECONDS)
+    run_logged(command, cwd=root, seconds=seconds, log=logger.info, env=tags)
     return True
+
+
+@task(name="end-abandoned-runs", **RETRIES)
+def end_abandoned_runs(root: Path, flow_run_id: str) -> list[str]:
+    """End as KILLED the MLflow runs an earlier attempt of this flow run left RUNNING (its host died)."""
+    import mlflow
+
+    from agegender.tracking import configure_tracking
+
+    configure_tracking(root, os.environ.get("MLFLOW_TRACKING_URI"))
+    found = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.{RUN_TAG} = '{flow_run_id}' and attributes.status = 'RUNNING'",
+        output_format="list",
+    )
+    for run in found:
+        mlflow.MlflowClient().set_terminated(run.info.run_id, status="KILLED")
+    ended = [run.info.run_id for run in found]
+    get_run_logger().info("Attempt %d: ended %d MLflow run(s) of the crashed attempt: %s", flow_run.run_count,
+                          len(ended), ", ".join(ended) or "none")  # fmt: skip
+    return ended
 
 
 def stage_task(stage: str):
@@ -141,6 +176,8 @@ def publish_report(root: Path, report: pipeline.RunReport) -> None:
 def training_flow(project_root: str = ".", force: bool = False):
     """With force=False (the schedule's setting) a run on the champion's data version is "Skipped"."""
     root = Path(project_root).expanduser().resolve()
+    if flow_run.run_count > 1:  # rescheduled after a crash (deploy's automations) or retried
+        end_abandoned_runs(root, str(flow_run.id))
     fetched = fetch_data(root)
     report = pipeline.RunReport(decision=check_retrain(root, force), fetched=fetched)
     if report.decision.retrain:
@@ -168,3 +205,102 @@ def serve_deployment(root: Path, *, name: str, cron: str, timezone: str, monitor
         concurrency_limit=1,  # one pipeline at a time in a project, scheduled or started by a drift check
     )
     serve(training, drift_deployment(root, monitor, timezone))
+
+
+# --- the work pool: prefect.yaml's deployments, run by `prefect worker start` on any host ---------
+
+CRASHED = "agegender: crashed without heartbeat"  # automation names (deploy replaces them)
+RESCHEDULED = "agegender: retry a crashed run"
+
+
+def deploy_to_work_pool(root: Path, schedule: ScheduleParams, log: Callable[[str], object]) -> list[str]:
+    """`prefect deploy` each deployment of root/prefect.yaml (its pull steps clone the current commit),
+    the `retrain` one on schedule.cron; create their work pools and the crash automations. Returns
+    the deployments' names."""
+    from prefect.client.orchestration import get_client
+
+    spec = yaml.safe_load((root / "prefect.yaml").read_text())
+    names = [entry["name"] for entry in spec["deployments"]]
+    for pool in sorted({entry["work_pool"]["name"] for entry in spec["deployments"]}):
+        ensure_work_pool(pool)
+    # Every run's process sends heartbeats this often; the automation below waits for them.
+    heartbeat = json.dumps({"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(schedule.heartbeat_seconds)}})
+    for name in names:
+        command = [str(Path(sys.executable).parent / "prefect"), "deploy", "--name", name]
+        command += ["--job-variable", heartbeat]  # a JSON object: `key=value` would pass the env as a string
+        if name == DEPLOYMENT:
+            command += ["--cron", schedule.cron, "--timezone", schedule.timezone]
+        run_logged(command, cwd=root, seconds=600, log=log, env={"PREFECT_CLI_PROMPT": "false"})
+    with get_client(sync_client=True) as client:
+        ids = [str(client.read_deployment_by_name(f"{FLOW_NAME}/{name}").id) for name in names]
+    create_crash_automations(ids, schedule)
+    return [f"{FLOW_NAME}/{name}" for name in names]
+
+
+def ensure_work_pool(name: str) -> None:
+    """A `process` work pool of this name, with Prefect's default job template; kept if it exists."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    with get_client(sync_client=True) as client, suppress(ObjectAlreadyExists):
+        client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
+
+
+def create_crash_automations(deployment_ids: list[str], schedule: ScheduleParams) -> None:
+    """Prefect's server has no crash detection of its own for a lost worker host: one automation marks
+    a run of these deployments Crashed when its heartbeats stop, another puts a Crashed run back as
+    AwaitingRetry for any worker, at most schedule.crash_retries times (the run count of its attempts)."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    runs = {"prefect.resource.id": "prefect.flow-run.*"}
+    ours = {
+        "prefect.resource.role": "deployment",
+        "prefect.resource.id": [f"prefect.deployment.{i}" for i in deployment_ids],
+    }
+    silent = schedule.heartbeat_seconds * schedule.missed_heartbeats
+    ends = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
+    automations = [
+        Automation(
+            name=CRASHED,
+            description=f"A running flow run without a heartbeat for {silent} s: its worker host is gone.",
+            trigger=EventTrigger(
+                match=runs,
+                match_related=ours,
+                after={"prefect.flow-run.heartbeat"},
+                expect={"prefect.flow-run.heartbeat", *ends},
+                for_each={"prefect.resource.id"},
+                posture=Posture.Proactive,
+                threshold=1,
+                within=timedelta(seconds=silent),
+            ),  # fmt: skip
+            actions=[ChangeFlowRunState(state=StateType.CRASHED, message=f"No heartbeat for {silent} s")],
+        ),
+        Automation(
+            name=RESCHEDULED,
+            description=f"A crashed flow run is scheduled again, at most {schedule.crash_retries} times.",
+            trigger=EventTrigger(
+                match={**runs, "prefect.run-count": [str(n) for n in range(1, schedule.crash_retries + 1)]},
+                match_related=ours,
+                expect={"prefect.flow-run.Crashed"},
+                posture=Posture.Reactive,
+                threshold=1,
+            ),  # fmt: skip
+            actions=[
+                ChangeFlowRunState(state=StateType.SCHEDULED, name="AwaitingRetry", message="Retry after a crash")
+            ],
+        ),
+    ]
+    with get_client(sync_client=True) as client:
+        for automation in automations:
+            for old in client.read_automations_by_name(automation.name):
+                client.delete_automation(old.id)
+            automation.create()
