@@ -239,7 +239,7 @@ def train_on_dask(
         ]
         results = {}
         description = f"Training candidates on the Dask cluster at {address}"
-        for future in track(as_completed(futures), total=len(futures), description=description):
+        for future in track(as_completed(futures, loop=client.loop), total=len(futures), description=description):
             name, run_id, metrics, outputs = future.result()  # re-raises a candidate's TrainingError
             folder = staging / f".candidate-{name}"
             for relative, content in outputs.items():

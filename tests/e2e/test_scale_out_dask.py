@@ -1,0 +1,222 @@
+"""Scale out over Dask (README: Scale out): the scheduler, two workers and an MLflow server on four
+test hosts (network namespaces); the `agegender` stages run in the tests' own namespace, as a
+user's machine would, with scale.dask_scheduler naming the scheduler.
+
+- Face detection in shards on both workers gives the crops and split of single-process preprocessing.
+- Two candidates train at once on the two workers, each a child run in the MLflow server.
+- A worker killed mid-preprocessing: its shards are recomputed on the other, the result unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import numpy as np
+import pytest
+
+from tests.conftest import (
+    BIN,
+    TINY,
+    TWO_CANDIDATES,
+    answers_ok,
+    copy_utk_subset,
+    make_project_repo,
+    run,
+    set_params,
+    tail,
+    wait_until,
+)
+from tests.hosts import Host, network_hosts
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import the tests' modules
+
+IMAGES = 160  # real utkface-part1 chips (plus the two malformed ones validation quarantines)
+DASK_PORT, MLFLOW_PORT = 8786, 5000  # each host has its own ports: no clash with other tests
+
+
+class Cluster:
+    """The test hosts and what runs on them."""
+
+    def __init__(self, hosts: dict[str, Host], logs: Path) -> None:
+        self.hosts, self.logs = hosts, logs
+        self.scheduler = f"tcp://{hosts['scheduler'].address}:{DASK_PORT}"
+        self.mlflow = f"http://{hosts['store'].address}:{MLFLOW_PORT}"
+
+    def start_worker(self, name: str) -> subprocess.Popen:
+        # One thread per worker process, as README says: one detector, one candidate at a time.
+        args = [BIN / "dask", "worker", self.scheduler, "--nthreads", "1", "--name", name, "--no-dashboard"]
+        return self.hosts[name].start(args, cwd=self.logs, env=dict(os.environ), log=self.logs / f"{name}.log")
+
+    def client(self):
+        from distributed import Client
+
+        return Client(self.scheduler, timeout=30, set_as_default=False)
+
+    def wait_for_workers(self, count: int) -> None:
+        with self.client() as client:
+            client.wait_for_workers(count, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    logs = tmp_path_factory.mktemp("cluster")
+    with network_hosts(["scheduler", "worker1", "worker2", "store"]) as hosts:
+        c = Cluster(hosts, logs)
+        scheduler = hosts["scheduler"].start(
+            [BIN / "dask", "scheduler", "--host", hosts["scheduler"].address, "--port", DASK_PORT, "--no-dashboard"],
+            cwd=logs,
+            env=dict(os.environ),
+            log=logs / "scheduler.log",
+        )
+        store = hosts["store"].start(
+            [
+                *(BIN / "mlflow", "server", "--host", hosts["store"].address, "--port", MLFLOW_PORT, "--workers", "1"),
+                *("--backend-store-uri", f"sqlite:///{logs / 'mlflow.db'}"),
+                *("--artifacts-destination", str(logs / "mlartifacts")),
+            ],
+            cwd=logs,
+            env=dict(os.environ),
+            log=logs / "mlflow.log",
+        )
+        c.start_worker("worker1"), c.start_worker("worker2")
+        c.wait_for_workers(2)
+        wait_until(lambda: answers_ok(f"{c.mlflow}/health"), what="the MLflow server", seconds=180, process=store,
+                   log=logs / "mlflow.log")  # fmt: skip
+        assert scheduler.poll() is None, tail(logs / "scheduler.log")
+        yield c
+    # network_hosts killed every process in the hosts and removed them, also on failure
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project with the chips ingested and validated, and their single-process preprocessing kept aside."""
+    base = tmp_path_factory.mktemp("scale-out")
+    repo = make_project_repo(base)
+    set_params(repo, {**TINY, "candidates": TWO_CANDIDATES})
+    run("agegender", "data", "ingest", str(copy_utk_subset(base / "utk", IMAGES)), cwd=repo)
+    run("agegender", "validate", cwd=repo)
+    run("agegender", "preprocess", cwd=repo)  # scale.dask_scheduler: null, the default
+    shutil.copytree(repo / "artifacts/prepared", base / "single-process")
+    return repo
+
+
+def single_process(repo: Path) -> Path:
+    return repo.parent / "single-process"
+
+
+def assert_same_preprocessing(prepared: Path, expected: Path) -> None:
+    """Same crops byte for byte, same labels, same split; stats equal but for the speed."""
+    for split in ("train", "val", "test"):
+        with np.load(prepared / f"{split}.npz") as got, np.load(expected / f"{split}.npz") as want:
+            assert got.files == want.files
+            for key in want.files:
+                assert got[key].dtype == want[key].dtype and np.array_equal(got[key], want[key]), (split, key)
+    assert (prepared / "split.csv").read_bytes() == (expected / "split.csv").read_bytes()
+    got, want = (json.loads((folder / "stats.json").read_text()) for folder in (prepared, expected))
+    assert {**got, "images_per_s": 0} == {**want, "images_per_s": 0}
+
+
+def detector_use(cluster: Cluster) -> dict[str, tuple[int, int]]:
+    """Per worker: (detectors built, shards cropped) since the worker started."""
+    with cluster.client() as client:
+        return client.run(worker_use)
+
+
+def worker_use() -> tuple[int, int]:
+    from agegender.cluster import worker_detector
+
+    info = worker_detector.cache_info()
+    return info.misses, info.misses + info.hits
+
+
+@pytest.mark.timeout(600)
+def test_preprocessing_sharded_over_two_workers_equals_single_process(cluster: Cluster, repo: Path):
+    before = detector_use(cluster)
+    set_params(repo, {"scale": {"dask_scheduler": cluster.scheduler, "shard_images": 20}})
+    try:
+        result = run("agegender", "preprocess", cwd=repo)
+    finally:
+        set_params(repo, {"scale": {"dask_scheduler": None}})
+    assert "Dask cluster" in result.stderr + result.stdout
+    assert_same_preprocessing(repo / "artifacts/prepared", single_process(repo))
+    after = detector_use(cluster)
+    shards = {worker: after[worker][1] - before.get(worker, (0, 0))[1] for worker in after}
+    assert sorted(shards.values())[0] > 0, f"one worker got no shard: {shards}"
+    rows = len((repo / "artifacts/prepared/split.csv").read_text().splitlines()) - 1
+    assert sum(shards.values()) == math.ceil(rows / 20)
+    assert all(built == 1 for built, _ in after.values()), f"a detector per worker process, built once: {after}"
+
+
+@pytest.mark.timeout(600)
+def test_two_candidates_train_at_once_on_two_workers_as_child_runs(cluster: Cluster, repo: Path):
+    import mlflow
+
+    set_params(repo, {"scale": {"dask_scheduler": cluster.scheduler}})
+    try:
+        run("agegender", "train", cwd=repo, env={**os.environ, "MLFLOW_TRACKING_URI": cluster.mlflow})
+    finally:
+        set_params(repo, {"scale": {"dask_scheduler": None}})
+    rows = json.loads((repo / "artifacts/model/candidates.json").read_text())
+    assert [row["name"] for row in rows] == ["small", "wider"]
+    client = mlflow.MlflowClient(cluster.mlflow)
+    parent = client.get_run(rows[0]["parent_run_id"])
+    children = {row["name"]: client.get_run(row["run_id"]) for row in rows}
+    assert {run.data.tags["mlflow.parentRunId"] for run in children.values()} == {parent.info.run_id}
+    assert {run.info.status for run in [parent, *children.values()]} == {"FINISHED"}
+    workers = {run.data.tags["dask_worker"] for run in children.values()}
+    addresses = {cluster.hosts[name].address for name in ("worker1", "worker2")}
+    assert {w.removeprefix("tcp://").rsplit(":", 1)[0] for w in workers} == addresses, "one candidate per worker"
+    # The winner is chosen on validation alone, and its outputs are artifacts/model as in the serial path.
+    winner = min(rows, key=lambda row: row["val_age_mae"])
+    assert [row["name"] for row in rows if row["winner"]] == [winner["name"]]
+    assert parent.data.tags["winner_run_id"] == winner["run_id"]
+    metrics = json.loads((repo / "artifacts/model/metrics.json").read_text())
+    assert metrics["val_age_mae"] == winner["val_age_mae"]
+    assert json.loads((repo / "artifacts/model/card.json").read_text())["mlflow_run_id"] == winner["run_id"]
+    for name in ("model.keras", "spec.json", "card.md", "curves.png", "reference.csv", "history.csv"):
+        assert (repo / "artifacts/model" / name).stat().st_size > 0, name
+    assert not list((repo / "artifacts/model").glob(".candidate-*"))
+    logged = client.list_artifacts(winner["run_id"], "outputs")
+    assert "outputs/model.keras" in {item.path for item in logged}
+
+
+@pytest.mark.timeout(600)
+def test_worker_killed_mid_preprocessing_its_shards_are_recomputed(cluster: Cluster, repo: Path, tmp_path: Path):
+    before = detector_use(cluster)
+    worker1 = next(w for w in before if cluster.hosts["worker1"].address in w)
+    set_params(repo, {"scale": {"dask_scheduler": cluster.scheduler, "shard_images": 2}})
+    log = tmp_path / "preprocess.log"
+    try:
+        with log.open("w") as handle:
+            stage = subprocess.Popen(
+                [BIN / "agegender", "preprocess"], cwd=repo, stdout=handle, stderr=subprocess.STDOUT
+            )
+        try:
+            # Kill worker1 (nanny and worker, SIGKILL: a crashed host) once it has cropped a few shards.
+            with cluster.client() as client:
+                deadline = time.monotonic() + 300
+                while client.run(worker_use, workers=[worker1])[worker1][1] - before[worker1][1] < 2:
+                    assert stage.poll() is None and time.monotonic() < deadline, tail(log)
+                    time.sleep(0.05)
+                cluster.hosts["worker1"].kill_all()
+            assert stage.poll() is None, "the stage finished before the kill: nothing was left to recompute"
+            assert stage.wait(timeout=300) == 0, tail(log)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                stage.kill()
+        assert_same_preprocessing(repo / "artifacts/prepared", single_process(repo))
+        assert worker1 not in detector_use(cluster)  # the scheduler saw worker1 go
+    finally:
+        set_params(repo, {"scale": {"dask_scheduler": None}})
+        cluster.start_worker("worker1")  # for any test after this one
+        cluster.wait_for_workers(2)
