@@ -1,0 +1,338 @@
+"""The training flow on a Prefect work pool across hosts (network namespaces, tests/hosts.py).
+
+    server   agegender stack up (PostgreSQL, S3, MLflow, Prefect server on its bridge address)
+             and `git daemon` serving the project repository
+    worker1  prefect worker start --pool agegender
+    worker2  prefect worker start --pool agegender
+
+`agegender flow deploy` deploys prefect.yaml's two deployments; a run is picked up by a worker
+host, which clones the deployed commit over the network, pulls the data version from S3, trains
+and registers the champion on the server's MLflow. The scheduled retraining's run, created by the
+server's scheduler, runs on a worker. Faults: a worker host killed mid-stage (the run is marked
+Crashed for missing heartbeats and completed on the other host, the killed attempt's MLflow runs
+ended as KILLED), and the Prefect server restarted while a worker waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    BIN,
+    OPEN_GATES,
+    PROJECT,
+    TINY,
+    TeamStack,
+    copy_utk_subset,
+    exported,
+    make_project_repo,
+    run,
+    set_params,
+    stop_leftovers,
+    tail,
+    use_team_remote,
+    wait_until,
+)
+from tests.hosts import Host, network_hosts
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+TRAIN, RETRAIN = "agegender-training/train", "agegender-training/retrain"
+RUN_SECONDS = 900  # one training run (clone, dvc pull, every stage) on a slow shared machine
+HEARTBEAT = {"heartbeat_seconds": 30, "missed_heartbeats": 2}  # a lost host's run is Crashed after 60 s
+
+
+@dataclass
+class Pool:
+    hosts: dict[str, Host]
+    stack: TeamStack  # the stack on the server host; env has what `agegender stack env` exports
+    repo: Path  # the project repository, served by git daemon from the server host
+    deployed: str  # the commit `agegender flow deploy` deployed
+    folder: Path
+    workers: dict
+
+    def start_worker(self, name: str) -> None:
+        home = self.folder / name
+        home.mkdir(exist_ok=True)
+        env = {**self.stack.env, "PREFECT_HOME": str(home / "prefect-home"), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+        args = [BIN / "prefect", "worker", "start", "--pool", "agegender", "--name", name, "--type", "process"]
+        self.workers[name] = self.hosts[name].start(args, cwd=home, env=env, log=self.log(name))
+
+    def log(self, worker: str) -> Path:
+        return self.folder / f"{worker}.log"
+
+    def ran_on(self, flow_run_id) -> list[str]:
+        """The worker hosts that started this flow run (both may try to submit it; one wins)."""
+        with api(self):
+            started = f"Flow run '{flow_run(flow_run_id).name}' submitted to infrastructure"
+        return [name for name in self.workers if started in self.log(name).read_text(errors="replace")]
+
+
+@pytest.fixture(scope="module")
+def pool() -> Pool:
+    # The postgres user must reach the stack's folder; pytest's own temporary root is private (0700).
+    folder = Path(tempfile.mkdtemp(prefix="agegender-pool-"))
+    folder.chmod(0o711)
+    root = folder / "stack"
+    params = folder / "params.yaml"
+    try:
+        with network_hosts(["server", "worker1", "worker2"]) as hosts:
+            server = hosts["server"]
+            settings = {"dir": str(root), "host": server.address}  # default ports: the server host has its own
+            shutil.copyfile(PROJECT / "params.yaml", params)
+            set_params(folder, {"stack": settings})
+            try:
+                server.run(["agegender", "stack", "up", "--params", params], cwd=folder)
+                env = {
+                    **os.environ,
+                    **exported(run("agegender", "stack", "env", "--params", str(params), cwd=folder).stdout),
+                }
+                env["PREFECT_HOME"] = str(folder / "client-prefect-home")  # the tests' client: no profile of its own
+                stack = TeamStack(root=root, settings=settings, params=params, env=env)
+                yield make_pool(hosts, stack, folder)
+            finally:
+                server.run(["agegender", "stack", "down", "--params", params], cwd=folder, check=False)
+                stop_leftovers(root)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def make_pool(hosts: dict[str, Host], stack: TeamStack, folder: Path) -> Pool:
+    server = hosts["server"]
+    repo = make_project_repo(folder)  # folder/repo, served as git://SERVER/repo
+    daemon = ["git", "daemon", f"--base-path={folder}", "--export-all", "--reuseaddr", f"--listen={server.address}"]
+    git_log = folder / "git-daemon.log"
+    served = server.start(daemon, cwd=folder, log=git_log)
+    run("git", "remote", "add", "origin", f"git://{server.address}/repo", cwd=repo)
+    wait_until(lambda: run("git", "ls-remote", "origin", cwd=repo, check=False).returncode == 0,
+               what="git daemon", seconds=60, process=served, log=git_log)  # fmt: skip
+    use_team_remote(repo, stack)
+    set_params(repo, {**TINY, "gates": OPEN_GATES, "schedule": HEARTBEAT})
+    shutil.copyfile(PROJECT / "prefect.yaml", repo / "prefect.yaml")
+    run("agegender", "data", "ingest", str(copy_utk_subset(folder / "utk", count=150)), cwd=repo, env=stack.env)
+    run("git", "add", "params.yaml", "data.dvc", "prefect.yaml", cwd=repo)
+    run("git", "commit", "-qm", "data: 150 chips in the team's S3; tiny model; the deployments", cwd=repo)
+    deployed = run("git", "rev-parse", "HEAD", cwd=repo).stdout.strip()
+    deploy = run("agegender", "flow", "deploy", cwd=repo, env=stack.env)
+    assert f"Deployed {TRAIN}, {RETRAIN}" in deploy.stderr, deploy.stderr
+    # The branch moves on after the deploy: runs still train the deployed commit.
+    (repo / "NOTES.md").write_text("after the deploy\n")
+    run("git", "add", "NOTES.md", cwd=repo)
+    run("git", "commit", "-qm", "a commit after the deploy", cwd=repo)
+    pool = Pool(hosts=hosts, stack=stack, repo=repo, deployed=deployed, folder=folder, workers={})
+    for name in ("worker1", "worker2"):
+        pool.start_worker(name)
+    return pool
+
+
+@contextlib.contextmanager
+def api(pool: Pool):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: pool.stack.env["PREFECT_API_URL"]}):
+        yield
+
+
+def mlflow_client(pool: Pool):
+    import mlflow
+
+    return mlflow.MlflowClient(pool.stack.mlflow, registry_uri=pool.stack.mlflow)
+
+
+def runs_of(pool: Pool, flow_run_id) -> list:
+    """The MLflow runs the stages of one flow run started (flow.RUN_TAG)."""
+    from agegender.flow import RUN_TAG
+
+    return mlflow_client(pool).search_runs(
+        [e.experiment_id for e in mlflow_client(pool).search_experiments()], f"tags.{RUN_TAG} = '{flow_run_id}'"
+    )
+
+
+def flow_run(flow_run_id):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def wait_final(pool: Pool, flow_run_id, seconds: float = RUN_SECONDS):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        state = flow_run(flow_run_id).state
+        if state is not None and state.is_final() and state.name != "Crashed":  # Crashed: the retry comes
+            return flow_run(flow_run_id)
+        time.sleep(3)
+    logs = "\n".join(f"--- {name}\n{tail(pool.log(name), 30)}" for name in pool.workers)
+    raise AssertionError(f"flow run {flow_run_id} unfinished after {seconds} s: {state}\n{logs}")
+
+
+def run_logs(flow_run_id, phrase: str) -> list[str]:
+    """The flow run's log lines with this phrase (the server searches: a run has more lines than one page)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTextSearch
+
+    found_by = LogFilter(
+        flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]), text=LogFilterTextSearch(query=f'"{phrase}"')
+    )
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(log_filter=found_by)]
+
+
+def assert_registry_consistent(pool: Pool) -> dict[str, str]:
+    """Aliases point only at complete versions, and registry list shows exactly those; returns the aliases."""
+    from agegender.registry import COMPLETE_TAG, list_versions
+
+    client = mlflow_client(pool)
+    versions = {int(v.version): v for v in client.search_model_versions("name = 'agegender'")}
+    aliases = {alias: str(n) for alias, n in client.get_registered_model("agegender").aliases.items()}
+    for alias, number in aliases.items():
+        assert COMPLETE_TAG in versions[int(number)].tags, f"{alias} points at unfinished version {number}"
+    complete = sorted((n for n, v in versions.items() if COMPLETE_TAG in v.tags), reverse=True)
+    assert [row["version"] for row in list_versions(client, "agegender")] == complete
+    return aliases
+
+
+@pytest.mark.timeout(1800)
+def test_a_deployment_run_on_a_worker_host_clones_the_deployed_commit_pulls_from_s3_and_registers(pool: Pool):
+    from prefect.deployments import run_deployment
+
+    from tests.e2e.test_flows import artifacts_of
+
+    with api(pool):
+        deployment = flow_run_deployment(TRAIN)
+        (clone,) = [step["prefect.deployments.steps.git_clone"] for step in deployment.pull_steps]
+        assert clone["repository"] == f"git://{pool.hosts['server'].address}/repo"
+        assert clone["commit_sha"] == pool.deployed != run("git", "rev-parse", "HEAD", cwd=pool.repo).stdout.strip()
+        started = time.monotonic()
+        done = run_deployment(TRAIN, timeout=0)
+        done = wait_final(pool, done.id)
+        print(f"training run on the pool: {time.monotonic() - started:.0f} s")
+        assert done.state.is_completed() and done.state.message.startswith("trained"), done.state.message
+        assert len(pool.ran_on(done.id)) == 1, "one worker host took the run"
+        report = artifacts_of(done.id)["agegender-training-report"].data
+        assert "(dvc pull)" in report, report  # the data came from the team's S3 bucket
+        assert [line for line in run_logs(done.id, "Running stage") if "'train'" in line], "stage output in the logs"
+    (parent,) = [r for r in runs_of(pool, done.id) if r.data.tags.get("role") == "parent"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["git_commit"] == pool.deployed  # the worker's clone was at the deployed commit
+    assert assert_registry_consistent(pool) == {"champion": "1", "challenger": "1"}
+
+
+def flow_run_deployment(name: str):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_deployment_by_name(name)
+
+
+@pytest.mark.timeout(900)
+def test_the_scheduled_retraining_is_created_by_the_server_and_runs_on_a_worker(pool: Pool):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.states import Scheduled
+
+    schedule = {"cron": "0 3 * * 1", "timezone": "UTC"}  # params.yaml's, unchanged by the test repo
+    with api(pool):
+        deployment = flow_run_deployment(RETRAIN)
+        (entry,) = deployment.schedules
+        assert (entry.schedule.cron, entry.schedule.timezone) == (schedule["cron"], schedule["timezone"])
+        assert deployment.parameters == {"force": False}
+
+        def next_scheduled():
+            with get_client(sync_client=True) as client:
+                found = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                    flow_run_filter=FlowRunFilter(
+                        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
+                    ),
+                    sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+                    limit=1,
+                )
+            return found[0] if found else None
+
+        # The server's scheduler creates the coming runs on its own; the test moves the next one to now.
+        upcoming = wait_until(next_scheduled, what="a scheduled run", seconds=180, process=pool.workers["worker1"],
+                              log=pool.log("worker1"))  # fmt: skip
+        assert upcoming.auto_scheduled
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(upcoming.id, Scheduled(), force=True)  # due now
+        done = wait_final(pool, upcoming.id, seconds=600)
+    # The champion was trained on data.dvc's version: the scheduled run decides not to retrain.
+    assert done.state.name == "Skipped", done.state.message
+    assert len(pool.ran_on(done.id)) == 1
+
+
+@pytest.mark.timeout(1800)
+def test_a_worker_host_killed_mid_stage_crashes_the_run_and_the_other_host_completes_it(pool: Pool):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    with api(pool):
+        started = run_deployment(TRAIN, timeout=0)
+        flow_run_id = started.id
+
+        def training_open():  # an MLflow run of the train stage is open: the crash is mid-stage
+            return [r for r in runs_of(pool, flow_run_id) if r.info.status == "RUNNING"]
+
+        deadline = time.monotonic() + RUN_SECONDS
+        while not training_open():
+            assert time.monotonic() < deadline, f"the train stage never started: {flow_run(flow_run_id).state}"
+            assert not flow_run(flow_run_id).state.is_final(), flow_run(flow_run_id).state
+            time.sleep(2)
+        (victim,) = pool.ran_on(flow_run_id)
+        abandoned = {r.info.run_id for r in training_open()}
+        pool.hosts[victim].kill_all()
+        killed_at = time.monotonic()
+        done = wait_final(pool, flow_run_id)
+        print(f"killed on {victim}; completed {time.monotonic() - killed_at:.0f} s later")
+        with get_client(sync_client=True) as client:
+            history = [(s.type.value, s.name) for s in client.read_flow_run_states(flow_run_id)]
+    assert done.state.is_completed() and done.state.message.startswith("trained"), done.state.message
+    crashed = history.index(("CRASHED", "Crashed"))
+    assert ("SCHEDULED", "AwaitingRetry") in history[crashed:], history
+    assert done.run_count == 2
+    (other,) = set(pool.workers) - {victim}
+    assert pool.ran_on(flow_run_id) == sorted([victim, other]), "the other host completed it"
+    (ended,) = run_logs(flow_run_id, "of the crashed attempt")
+    assert ended.startswith("Attempt 2: ended") and all(i in ended for i in abandoned), ended
+    # The killed attempt's MLflow runs are ended, not left looking alive; the retry's runs finished.
+    runs = {r.info.run_id: r.info.status for r in runs_of(pool, flow_run_id)}
+    assert {runs[i] for i in abandoned} == {"KILLED"}, runs
+    assert {s for i, s in runs.items() if i not in abandoned} == {"FINISHED"}, runs
+    aliases = assert_registry_consistent(pool)
+    champion = mlflow_client(pool).get_model_version("agegender", aliases["champion"])
+    assert champion.run_id not in abandoned
+    pool.start_worker(victim)  # the host is back
+
+
+@pytest.mark.timeout(900)
+def test_a_waiting_worker_reconnects_after_the_prefect_server_restarts(pool: Pool):
+    from prefect.deployments import run_deployment
+
+    from agegender.stack import stop_services
+
+    stop_services(pool.stack.root, ["prefect"])
+    time.sleep(10)  # the workers poll a server that is gone
+    pool.hosts["server"].run(["agegender", "stack", "up", "--params", pool.stack.params], cwd=pool.folder)
+    with api(pool):
+        started = run_deployment(RETRAIN, timeout=0)
+        done = wait_final(pool, started.id, seconds=600)
+    assert done.state.name == "Skipped", done.state.message
+    assert len(pool.ran_on(done.id)) == 1
+    assert all(worker.poll() is None for worker in pool.workers.values()), "no worker exited"
