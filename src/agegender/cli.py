@@ -150,13 +150,19 @@ def preprocess_command(params_file: Path = PARAMS) -> None:
 @app.command("train")
 def train_command(params_file: Path = PARAMS) -> None:
     """Train the multi-task Keras model on artifacts/prepared; track the run in MLflow."""
+    from agegender.distributed import cluster_from_tf_config
     from agegender.training import TrainingError, run_train_stage
 
     params = params_or_exit(params_file)
+    try:  # set on each host of a multi-worker training (README: Multi-worker training)
+        cluster = cluster_from_tf_config(os.environ.get("TF_CONFIG"))
+    except ValueError as err:
+        raise fail(str(err)) from None
     names = ", ".join(c.name for c in params.candidates)
-    console.print(f"Training candidates {names} on {paths.PREPARED}/")
+    where = f" as worker {cluster.index} of {cluster.size}" if cluster else ""
+    console.print(f"Training candidates {names} on {paths.PREPARED}/{where}")
     try:
-        result = run_train_stage(ROOT, params, tracking_uri=env_tracking_uri())
+        result = run_train_stage(ROOT, params, tracking_uri=env_tracking_uri(), cluster=cluster)
     except (TrainingError, FileNotFoundError, RuntimeError) as err:
         raise fail(str(err)) from None
     console.print(result.summary, markup=False)

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from agegender import paths
 from agegender.config import ModelSpec, Params, TrainParams
+from agegender.distributed import Cluster, fit_for_multi_worker, strategy_for
 from agegender.files import atomic_dir, write_json
 from agegender.labels import ADULT_AGE, GENDER_THRESHOLD
 from agegender.model import age_logits_loss, build_model, training_view
@@ -80,14 +81,19 @@ class TrainResult:
         return "\n".join(lines)
 
 
-def run_train_stage(root: Path, params: Params, *, tracking_uri: str | None) -> TrainResult:
+def run_train_stage(
+    root: Path, params: Params, *, tracking_uri: str | None, cluster: Cluster | None = None
+) -> TrainResult | WorkerResult:
     """The train stage: every candidate on artifacts/prepared, tracked in MLflow; the winner to artifacts/model.
 
     The run is named after the model and the data version in data.dvc, and tagged with
     both and the git commit. `tracking_uri` is the store to track in (None: the project's own).
+    In a multi-worker `cluster` the chief does all that; any other worker only trains with it.
     """
     from agegender.data.versioning import data_version
 
+    if cluster is not None and not cluster.is_chief:
+        return train_as_worker(root / paths.PREPARED, params, cluster)
     uri = configure_tracking(root, tracking_uri)
     version = data_version(root / paths.DATA_DVC)
     run_name = f"{params.train.backbone}-{params.train.age_head}-{params.preprocess.image_size}px-data{version[:8]}"
@@ -98,6 +104,7 @@ def run_train_stage(root: Path, params: Params, *, tracking_uri: str | None) -> 
         data_version=version,
         git_commit=git_commit(root),
         run_name=run_name,
+        cluster=cluster,
     )
     candidates = [
         CandidateResult(
@@ -114,7 +121,14 @@ def run_train_stage(root: Path, params: Params, *, tracking_uri: str | None) -> 
 
 
 def train_candidates(
-    prepared_dir: Path, out_dir: Path, params: Params, *, data_version: str, git_commit: str, run_name: str
+    prepared_dir: Path,
+    out_dir: Path,
+    params: Params,
+    *,
+    data_version: str,
+    git_commit: str,
+    run_name: str,
+    cluster: Cluster | None = None,
 ) -> list[dict]:
     """Train every candidate as a child run of one parent run; the lowest val age MAE wins.
 
@@ -148,6 +162,7 @@ def train_candidates(
                             data_version=data_version,
                             git_commit=git_commit,
                             run_name=f"{run_name}/{candidate.name}",
+                            cluster=cluster,
                         )
                     )
             else:
@@ -302,8 +317,9 @@ def train_one(
     git_commit: str,
     run_name: str,
     parent_run_id: str | None = None,
+    cluster: Cluster | None = None,
 ) -> CandidateRun:
-    """Fit one candidate in a child run; its outputs go to `folder`."""
+    """Fit one candidate in a child run; its outputs go to `folder`. In a multi-worker `cluster`, only the chief calls this."""
     import mlflow
 
     from agegender.pyfunc import log_predictor
@@ -337,9 +353,18 @@ def train_one(
                 "mlflow.note.content": describe_run(spec, stats),
             }
         )
-        mlflow.log_params({"split.train": len(train["age"]), "split.val": len(val["age"]), "split.rows": stats["rows"]})
+        mlflow.log_params(
+            {
+                "split.train": len(train["age"]),
+                "split.val": len(val["age"]),
+                "split.rows": stats["rows"],
+                "distribute.workers": cluster.size if cluster else 1,
+            }
+        )
         start = time.perf_counter()
-        model, history = train_model(cfg, spec.image_size, train, val, callbacks=[mlflow.keras.MlflowCallback(run)])
+        model, history = train_model(
+            cfg, spec.image_size, train, val, callbacks=[mlflow.keras.MlflowCallback(run)], cluster=cluster
+        )
         seconds = time.perf_counter() - start
         if any(not math.isfinite(v) for v in history["loss"]):
             raise TrainingError(
@@ -366,17 +391,55 @@ def train_one(
 
 
 def train_model(
-    cfg: TrainParams, image_size: int, train: dict, val: dict, *, callbacks: list, verbose: int = 2
+    cfg: TrainParams,
+    image_size: int,
+    train: dict,
+    val: dict,
+    *,
+    callbacks: list,
+    verbose: int = 2,
+    cluster: Cluster | None = None,
 ) -> tuple[keras.Model, dict]:
     """Build and fit one model; its history. The same cfg and data give the same weights, run after run.
 
     Without op determinism the parallel augmentation map hands its shared random state to
     batches in a varying order, so one config trained twice differed (val MAE 4.92 and 5.13,
     issue 14). Determinism makes TensorFlow run that map serially instead.
+    In a multi-worker `cluster` every worker calls this with the same arguments and they fit one
+    model together; each gets a copy of the trained model that predicts and saves on its own.
     """
+    strategy = strategy_for(cluster)  # first: a multi-worker strategy sets up TensorFlow's collective ops
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()
-    model = build_model(
+    with strategy.scope():
+        model = build_for(cfg, image_size)
+        fit_model = compile_for_training(model, cfg, steps_per_epoch=max(1, len(train["age"]) // cfg.batch_size))
+        if cluster is not None:
+            fit_for_multi_worker(fit_model)
+        history = fit_model.fit(
+            make_dataset(train, cfg, training=True),
+            validation_data=make_dataset(val, cfg, training=False),
+            epochs=cfg.epochs,
+            callbacks=[
+                keras.callbacks.TerminateOnNaN(),
+                keras.callbacks.EarlyStopping(
+                    monitor="val_age_mae", mode="min", patience=cfg.patience, restore_best_weights=True
+                ),
+                *callbacks,
+            ],
+            verbose=verbose,
+        ).history
+    if cluster is not None:
+        # A model built under the multi-worker strategy predicts only with every worker taking part.
+        local = build_for(cfg, image_size)
+        local.set_weights(model.get_weights())
+        model = local
+    return model, history
+
+
+def build_for(cfg: TrainParams, image_size: int) -> keras.Model:
+    """The untrained network cfg describes."""
+    return build_model(
         backbone=cfg.backbone,
         image_size=image_size,
         weights=cfg.weights,
@@ -385,21 +448,36 @@ def train_model(
         age_head=cfg.age_head,
         age_bins=cfg.age_bins,
     )
-    fit_model = compile_for_training(model, cfg, steps_per_epoch=max(1, len(train["age"]) // cfg.batch_size))
-    history = fit_model.fit(
-        make_dataset(train, cfg, training=True),
-        validation_data=make_dataset(val, cfg, training=False),
-        epochs=cfg.epochs,
-        callbacks=[
-            keras.callbacks.TerminateOnNaN(),
-            keras.callbacks.EarlyStopping(
-                monitor="val_age_mae", mode="min", patience=cfg.patience, restore_best_weights=True
-            ),
-            *callbacks,
-        ],
-        verbose=verbose,
-    ).history
-    return model, history
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    """What a multi-worker training's non-chief worker did: trained with the chief, wrote nothing."""
+
+    cluster: Cluster
+    candidates: list[str]
+
+    @property
+    def summary(self) -> str:
+        return (
+            f"Worker {self.cluster.index} of {self.cluster.size} trained {', '.join(self.candidates)} with the chief "
+            f"at {self.cluster.workers[0]}; the chief tracks the run in MLflow and writes {paths.MODEL}/"
+        )
+
+
+def train_as_worker(prepared_dir: Path, params: Params, cluster: Cluster) -> WorkerResult:
+    """A non-chief worker's share of the train stage: every candidate's fit, in the chief's order; nothing written.
+
+    The chief scores and saves on its own copy of each model (see train_model), so the fits are
+    the only steps the workers take together.
+    """
+    train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
+    check_inputs(train, val, params.preprocess.image_size, params.train.batch_size)
+    for candidate in params.candidates:
+        cfg = params.candidate_train(candidate)
+        check_inputs(train, val, params.preprocess.image_size, cfg.batch_size)
+        train_model(cfg, params.preprocess.image_size, train, val, callbacks=[], cluster=cluster)
+    return WorkerResult(cluster=cluster, candidates=[c.name for c in params.candidates])
 
 
 def check_inputs(train: dict, val: dict, image_size: int, batch_size: int) -> None:
@@ -473,6 +551,12 @@ def make_dataset(split: dict, cfg: TrainParams, *, training: bool) -> tf.data.Da
     if cfg.age_head != "regression":
         targets["age_logits"] = split["age"][:, None]
     data = tf.data.Dataset.from_tensor_slices((split["images"], targets)).cache()
+    # Under MultiWorkerMirroredStrategy every worker runs this whole pipeline (same seeds: same
+    # shuffle and augmentation) and keeps its share of each global batch of cfg.batch_size, so the
+    # workers together see exactly the batches one worker would. Without a strategy this does nothing.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    data = data.with_options(options)
     if training:
         data = data.shuffle(len(split["age"]), seed=cfg.seed, reshuffle_each_iteration=True)
     # Full training batches only: a small last batch makes noisy BatchNorm statistics, and

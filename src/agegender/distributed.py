@@ -1,0 +1,93 @@
+"""Synchronous training across hosts with tf.distribute.MultiWorkerMirroredStrategy.
+
+Every worker host runs the same `agegender train` with its own TF_CONFIG (a Prefect deployment's
+job variables set it), naming all workers and this one's index:
+
+    {"cluster": {"worker": ["10.0.0.11:12345", "10.0.0.12:12345"]}, "task": {"type": "worker", "index": 0}}
+
+Worker 0 is the chief: it alone tracks the run in MLflow and writes artifacts/model. The others
+take part in every training step and write nothing. Without TF_CONFIG nothing changes.
+TensorFlow is imported only inside `strategy_for`, so parsing TF_CONFIG stays cheap.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The workers of one multi-worker training (host:port each, the chief first) and this process's index."""
+
+    workers: tuple[str, ...]
+    index: int
+
+    @property
+    def is_chief(self) -> bool:
+        return self.index == 0
+
+    @property
+    def size(self) -> int:
+        return len(self.workers)
+
+
+def cluster_from_tf_config(text: str | None) -> Cluster | None:
+    """The cluster TF_CONFIG describes; None without TF_CONFIG. A malformed one is a ValueError naming the problem."""
+    if not text:
+        return None
+    try:
+        config = json.loads(text)
+        workers, task = config["cluster"]["worker"], config["task"]
+        kind, index = task["type"], task["index"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            'TF_CONFIG must be JSON like {"cluster": {"worker": ["host:port", ...]}, '
+            f'"task": {{"type": "worker", "index": 0}}}}; got {text!r} ({err!r})'
+        ) from None
+    if set(config["cluster"]) != {"worker"} or kind != "worker":
+        raise ValueError(f"TF_CONFIG: only 'worker' tasks are supported (worker 0 is the chief); got {text!r}")
+    if not isinstance(workers, list) or not workers or not all(isinstance(w, str) and ":" in w for w in workers):
+        raise ValueError(f"TF_CONFIG: cluster.worker must be a list of 'host:port'; got {workers!r}")
+    if not isinstance(index, int) or not 0 <= index < len(workers):
+        raise ValueError(f"TF_CONFIG: task.index must be 0..{len(workers) - 1}; got {index!r}")
+    return Cluster(workers=tuple(workers), index=index)
+
+
+@functools.cache
+def strategy_for(cluster: Cluster | None):
+    """The tf.distribute strategy to train under: the default one, or MultiWorkerMirroredStrategy for a cluster.
+
+    Cached: collective ops can be set up once per process, and every candidate trains under the same one.
+    """
+    import tensorflow as tf
+
+    if cluster is None:
+        return tf.distribute.get_strategy()
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"worker": list(cluster.workers)}),
+        task_type="worker",
+        task_id=cluster.index,
+        rpc_layer="grpc",
+    )
+    # One all-reduce of all gradients per step: unpacked, each of the network's ~100 small
+    # gradients is a round trip of its own between the hosts.
+    packing = tf.distribute.experimental.CommunicationOptions(bytes_per_pack=64 * 2**20)
+    return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=packing)
+
+
+def fit_for_multi_worker(fit_model) -> None:
+    """Let Keras 3.15 fit a compiled model (built under a MultiWorkerMirroredStrategy scope) with that strategy.
+
+    Keras' fit breaks under it twice (keras-team/keras#20585): its symbolic build averages an
+    (images, targets) batch across workers, which tf.distribute cannot do with a nested batch, and
+    each step averages its scalar logs across workers along an axis they do not have. Forgetting
+    the model's strategy defers the build to the first step, under the strategy of the scope fit is
+    called in; each step's logs then stay the worker's own (only the progress bar shows them). The
+    epoch's logs (early stopping, MLflow) are read from the metrics, which sum over all workers.
+    """
+    from keras.src.backend.tensorflow import trainer
+
+    fit_model._distribute_strategy = None
+    trainer._collective_all_reduce_multi_worker = lambda strategy: False
