@@ -303,18 +303,20 @@ TINY = {
     "train": {"width": 8, "epochs": 2, "batch_size": 32, "warmup_epochs": 0, "patience": 2},
 }
 TWO_CANDIDATES = [{"name": "small", "train": {}}, {"name": "wider", "train": {"width": 12}}]
+# Enough training crops for the drift reference to tell a served window of 300 faces apart (test_service).
+TEMPLATE_CHIPS = 400
 
 
 @pytest.fixture(scope="session")
 def trained_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A repository with 300 real chips ingested and `dvc repro train` done (two candidates), once per session.
+    """A repository with TEMPLATE_CHIPS real chips ingested and `dvc repro train` done (two candidates), once per session.
 
     Tests take copies (`copy_repo`); its MLflow runs keep their artifacts in this folder.
     """
     base = tmp_path_factory.mktemp("trained")
     repo = make_project_repo(base)
     set_params(repo, {**TINY, "candidates": TWO_CANDIDATES})
-    run("agegender", "data", "ingest", str(copy_utk_subset(base / "utk")), cwd=repo)
+    run("agegender", "data", "ingest", str(copy_utk_subset(base / "utk", count=TEMPLATE_CHIPS)), cwd=repo)
     run("dvc", "repro", "train", cwd=repo)
     return repo
 

@@ -34,11 +34,12 @@ from tests.conftest import (
     BIN,
     OPEN_GATES,
     PROJECT,
+    TEMPLATE_CHIPS,
     UTKFACE,
     answers_ok,
+    copy_repo,
     copy_utk_subset,
     free_port,
-    make_project_repo,
     run,
     set_params,
     start,
@@ -51,9 +52,8 @@ from tests.unit.test_decode import bomb_png
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-TINY = {
-    "preprocess": {"image_size": 32},
-    "train": {"width": 8, "epochs": 3, "batch_size": 32, "warmup_epochs": 0, "patience": 3},
+# Gates open (two epochs make no model worth gating; these tests are about serving it), small limits.
+SERVICE = {
     "gates": OPEN_GATES,
     "serve": {
         "reload_seconds": 2,
@@ -65,19 +65,17 @@ TINY = {
 }
 
 
-# Enough training crops for the drift reference to tell a served window of 300 faces apart.
-TRAIN_CHIPS = 400
+TRAIN_CHIPS = TEMPLATE_CHIPS
 
 
 @pytest.fixture(scope="module")
-def champion_repo(tmp_path_factory) -> Path:
+def champion_repo(trained_template, tmp_path_factory) -> Path:
+    """The session's trained template, evaluated and registered: its winner is the champion."""
     root = tmp_path_factory.mktemp("service")
-    repo = make_project_repo(root)
-    utk = copy_utk_subset(root / "utk", count=TRAIN_CHIPS)
-    set_params(repo, TINY)
+    repo = copy_repo(trained_template, root / "repo")
+    set_params(repo, SERVICE)
     # Records outside the project checkout (the server runs in it), written within a second.
     set_params(repo, {"monitor": {"records": str(root / "records"), "flush_seconds": 1, "batch_records": 64}})
-    run("agegender", "data", "ingest", str(utk), cwd=repo)
     run("dvc", "repro", cwd=repo)
     return repo
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import copy_repo, run, set_params
+from tests.conftest import TEMPLATE_CHIPS, copy_repo, run, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def test_repro_trains_and_tracks_in_mlflow(trained_repo):
     import mlflow
 
     stats = json.loads((trained_repo / "artifacts/prepared/stats.json").read_text())
-    assert stats["rows"] == 300 and stats["detector_hit_rate"] > 0.5
+    assert stats["rows"] == TEMPLATE_CHIPS and stats["detector_hit_rate"] > 0.5
     card = json.loads((trained_repo / "artifacts/model/card.json").read_text())
     assert card["trained_on"] == "real" and card["split_sizes"]["train"] == stats["splits"]["train"]["count"]
 
