@@ -87,7 +87,19 @@ def fit_for_multi_worker(fit_model) -> None:
     called in; each step's logs then stay the worker's own (only the progress bar shows them). The
     epoch's logs (early stopping, MLflow) are read from the metrics, which sum over all workers.
     """
+    import keras
     from keras.src.backend.tensorflow import trainer
 
     fit_model._distribute_strategy = None
     trainer._collective_all_reduce_multi_worker = lambda strategy: False
+    # BatchNorm on each worker's share alone normalises with other statistics than one worker on
+    # the whole batch: two workers ended 0.4-0.6 years of val MAE away from one. Global statistics
+    # keep training what one worker would train (the saved model is built without this).
+    for layer in layers_of(fit_model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
+
+
+def layers_of(layer) -> list:
+    """The layer and every layer inside it."""
+    return [layer] + [inner for sub in getattr(layer, "layers", []) for inner in layers_of(sub)]
