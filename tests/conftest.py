@@ -34,6 +34,17 @@ os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@example.invalid")
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
 
 
+# Tests sharing an expensive session fixture run in one test process (pytest-xdist's loadgroup),
+# so it is built once; every other module stays whole in one process, for its module fixtures.
+SHARED_FIXTURE_GROUPS = ("trained_template", "team_stack")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        shared = [name for name in SHARED_FIXTURE_GROUPS if name in item.fixturenames]
+        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.module.__name__))
+
+
 MLFLOW_STORE_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
