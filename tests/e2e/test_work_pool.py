@@ -174,7 +174,7 @@ def wait_final(pool: Pool, flow_run_id, seconds: float = RUN_SECONDS):
     raise AssertionError(f"flow run {flow_run_id} unfinished after {seconds} s: {state}\n{logs}")
 
 
-def run_logs(flow_run_id, phrase: str) -> list[str]:
+def run_logs(pool: Pool, flow_run_id, phrase: str) -> list[str]:
     """The flow run's log lines with this phrase (the server searches: a run has more lines than one page)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTextSearch
@@ -182,7 +182,7 @@ def run_logs(flow_run_id, phrase: str) -> list[str]:
     found_by = LogFilter(
         flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]), text=LogFilterTextSearch(query=f'"{phrase}"')
     )
-    with get_client(sync_client=True) as client:
+    with api(pool), get_client(sync_client=True) as client:
         return [log.message for log in client.read_logs(log_filter=found_by)]
 
 
@@ -219,7 +219,9 @@ def test_a_deployment_run_on_a_worker_host_clones_the_deployed_commit_pulls_from
         assert len(pool.ran_on(done.id)) == 1, "one worker host took the run"
         report = artifacts_of(done.id)["agegender-training-report"].data
         assert "(dvc pull)" in report, report  # the data came from the team's S3 bucket
-        assert [line for line in run_logs(done.id, "Running stage") if "'train'" in line], "stage output in the logs"
+        assert [line for line in run_logs(pool, done.id, "Running stage") if "'train'" in line], (
+            "stage output in the logs"
+        )
     (parent,) = [r for r in runs_of(pool, done.id) if r.data.tags.get("role") == "parent"]
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["git_commit"] == pool.deployed  # the worker's clone was at the deployed commit
@@ -296,8 +298,8 @@ def test_a_worker_host_killed_mid_stage_crashes_the_run_and_the_other_host_compl
             assert not flow_run(flow_run_id).state.is_final(), flow_run(flow_run_id).state
             time.sleep(2)
         (victim,) = pool.ran_on(flow_run_id)
-        abandoned = {r.info.run_id for r in training_open()}
         pool.hosts[victim].kill_all()
+        abandoned = {r.info.run_id for r in training_open()}  # the dead attempt's, still marked RUNNING
         killed_at = time.monotonic()
         done = wait_final(pool, flow_run_id)
         print(f"killed on {victim}; completed {time.monotonic() - killed_at:.0f} s later")
@@ -309,7 +311,7 @@ def test_a_worker_host_killed_mid_stage_crashes_the_run_and_the_other_host_compl
     assert done.run_count == 2
     (other,) = set(pool.workers) - {victim}
     assert pool.ran_on(flow_run_id) == sorted([victim, other]), "the other host completed it"
-    (ended,) = run_logs(flow_run_id, "of the crashed attempt")
+    (ended,) = run_logs(pool, flow_run_id, "of the crashed attempt")
     assert ended.startswith("Attempt 2: ended") and all(i in ended for i in abandoned), ended
     # The killed attempt's MLflow runs are ended, not left looking alive; the retry's runs finished.
     runs = {r.info.run_id: r.info.status for r in runs_of(pool, flow_run_id)}
