@@ -414,9 +414,10 @@ def flow_run_command(
 @flow_app.command("serve")
 def flow_serve_command(params_file: Path = PARAMS) -> None:
     """Serve the flow as deployment agegender-training/retrain on schedule.cron, against PREFECT_API_URL."""
+    from agegender.deployments import serve_deployment
     from agegender.drift_flow import DEPLOYMENT as DRIFT
     from agegender.drift_flow import FLOW_NAME as DRIFT_FLOW
-    from agegender.flow import DEPLOYMENT, FLOW_NAME, serve_deployment
+    from agegender.flow import DEPLOYMENT, FLOW_NAME
 
     params = params_or_exit(params_file)
     api = require_prefect_api()
@@ -456,7 +457,7 @@ def require_prefect_api() -> str:
 @flow_app.command("deploy")
 def flow_deploy_command(params_file: Path = PARAMS) -> None:
     """Deploy prefect.yaml's deployments on the work pool at the current commit; workers run them."""
-    from agegender.flow import deploy_to_work_pool
+    from agegender.deployments import deploy_to_work_pool
 
     params = params_or_exit(params_file)
     require_prefect_api()
