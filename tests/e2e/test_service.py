@@ -654,6 +654,13 @@ def test_drift_check_on_served_windows_flags_other_ages_and_starts_retraining(se
     assert json.loads((reports / REPORT_JSON).read_text())["drifted"] is True
     assert "Drift check: DRIFT" in (reports / REPORT_HTML).read_text()
 
+    # The command a person (or cron) runs: the same check, exit 2 on drift.
+    hours = (adults[1] - adults[0]).total_seconds() / 3600
+    window = ["--hours", f"{hours:.6f}", "--end", adults[1].isoformat(), "--no-retrain"]
+    command = run("agegender", "monitor", "drift", *window, cwd=champion_repo, check=False)
+    assert command.returncode == 2, command.stdout + command.stderr
+    assert "DRIFT" in command.stdout and str(reports / REPORT_HTML) in command.stdout.replace("\n", ""), command.stdout
+
 
 def test_mlflow_models_serve_answers_a_photo_as_the_service_does(server, champion_repo, tmp_path):
     """The registered version is the whole predictor as a pyfunc: image bytes in, the service's faces out."""

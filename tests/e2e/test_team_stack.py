@@ -197,6 +197,26 @@ def test_mlflow_runs_and_artifacts_go_through_the_server_into_s3(stack: Stack, t
     assert not (stack.repo / "mlartifacts").exists() and not (stack.repo / "mlflow.db").exists()
 
 
+def test_served_input_records_go_to_the_stacks_s3_store(stack: Stack, monkeypatch):
+    """monitor.records: s3://... in team mode: the service's writer and the drift check's reader."""
+    from datetime import UTC, datetime, timedelta
+
+    from agegender.monitoring import RecordWriter, read_records
+
+    s3_client(stack).create_bucket(Bucket="agegender-monitoring")
+    for name in ("FSSPEC_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, stack.env[name])
+    since = datetime.now(UTC)
+    writer = RecordWriter("s3://agegender-monitoring/records", batch_records=2, flush_seconds=60)
+    for n in range(3):
+        writer.add({"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "request": str(n), "faces": []})
+    writer.close()
+    assert len(keys(stack, "agegender-monitoring")) == 2  # a full batch of 2, then the rest on close
+    records = read_records("s3://agegender-monitoring/records", since=since, until=datetime.now(UTC))
+    assert [r["request"] for r in records] == ["0", "1", "2"]
+    assert read_records("s3://agegender-monitoring/records", since=since - timedelta(hours=2), until=since) == []
+
+
 FLOW = """
 from prefect import flow
 
