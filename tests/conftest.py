@@ -34,15 +34,21 @@ os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@example.invalid")
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
 
 
-# Tests sharing an expensive session fixture run in one test process (pytest-xdist's loadgroup),
-# so it is built once; every other module stays whole in one process, for its module fixtures.
+# Modules sharing an expensive session fixture run in one test process (pytest-xdist's loadgroup),
+# so it is built once; every module stays whole in one process, so its module fixtures are built once.
 SHARED_FIXTURE_GROUPS = ("trained_template", "team_stack")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    modules: dict[str, list[pytest.Item]] = {}
     for item in items:
-        shared = [name for name in SHARED_FIXTURE_GROUPS if name in item.fixturenames]
-        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.module.__name__))
+        modules.setdefault(item.module.__name__, []).append(item)
+    for module, module_items in modules.items():
+        used = {name for item in module_items for name in item.fixturenames}
+        group = next((name for name in SHARED_FIXTURE_GROUPS if name in used), module)
+        for item in module_items:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 MLFLOW_STORE_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
