@@ -88,9 +88,10 @@ def network_hosts(names: list[str]) -> Iterator[dict[str, Host]]:
             ip("-n", host.name, "link", "set", "lo", "up")
         yield {name: host for name, host in zip(names, created, strict=True)}
     finally:
-        for host in created:
+        for index, host in enumerate(created, start=1):
             host.kill_all()
-            ip("netns", "del", host.name, check=False)  # removes its veth pair too
+            ip("link", "del", f"{PREFIX}{octet}v{index}", check=False)  # both ends, now (the netns's own is lazy)
+            ip("netns", "del", host.name, check=False)
         ip("link", "del", bridge, check=False)
 
 

@@ -190,11 +190,15 @@ def is_running(root: Path, service: str) -> bool:
 
 def stop_services(root: Path, services: list[str]) -> None:
     """Stop the daemons among services together (SIGTERM, then SIGKILL), then PostgreSQL if named."""
+    import psutil
+
     pids = {name: _read_pid(root, name) for name in services if name in DAEMONS}
 
     def alive() -> dict[str, int]:
         return {name: pid for name, pid in pids.items() if _alive(pid, DAEMONS[name])}
 
+    # Children that left the process group would outlive it holding the service's port.
+    family = [child for pid in alive().values() for child in _descendants(pid)]
     for sig, grace in ((signal.SIGTERM, STOP_SECONDS), (signal.SIGKILL, 10)):
         for pid in alive().values():
             # The whole process group: the MLflow and Prefect servers run their web servers as children.
@@ -205,6 +209,10 @@ def stop_services(root: Path, services: list[str]) -> None:
             time.sleep(0.2)
     if stuck := alive():
         raise StackError(f"did not stop even after SIGKILL: {stuck}")
+    for child in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(family, timeout=10)
     for name in pids:
         pid_path(root, name).unlink(missing_ok=True)
     if "postgres" in services:
@@ -507,6 +515,15 @@ def _http_answers(url: str, any_status: bool) -> bool:
         return any_status
     except OSError:
         return False
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _read_pid(root: Path, service: str) -> int | None:

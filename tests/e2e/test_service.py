@@ -659,7 +659,8 @@ def test_drift_check_on_served_windows_flags_other_ages_and_starts_retraining(se
     window = ["--hours", f"{hours:.6f}", "--end", adults[1].isoformat(), "--no-retrain"]
     command = run("agegender", "monitor", "drift", *window, cwd=champion_repo, check=False)
     assert command.returncode == 2, command.stdout + command.stderr
-    assert "DRIFT" in command.stdout and str(reports / REPORT_HTML) in command.stdout.replace("\n", ""), command.stdout
+    said = (command.stdout + command.stderr).replace("\n", "")
+    assert "DRIFT" in said and str(reports / REPORT_HTML) in said, said
 
 
 def test_mlflow_models_serve_answers_a_photo_as_the_service_does(server, champion_repo, tmp_path):

@@ -197,24 +197,31 @@ def test_mlflow_runs_and_artifacts_go_through_the_server_into_s3(stack: Stack, t
     assert not (stack.repo / "mlartifacts").exists() and not (stack.repo / "mlflow.db").exists()
 
 
-def test_served_input_records_go_to_the_stacks_s3_store(stack: Stack, monkeypatch):
-    """monitor.records: s3://... in team mode: the service's writer and the drift check's reader."""
-    from datetime import UTC, datetime, timedelta
+RECORDS = """
+import json
+from datetime import UTC, datetime, timedelta
 
-    from agegender.monitoring import RecordWriter, read_records
+from agegender.monitoring import RecordWriter, read_records
 
+url = "s3://agegender-monitoring/records"
+since = datetime.now(UTC)
+writer = RecordWriter(url, batch_records=2, flush_seconds=60)
+for n in range(3):
+    writer.add({"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "request": str(n), "faces": []})
+writer.close()
+window = [r["request"] for r in read_records(url, since=since, until=datetime.now(UTC))]
+before = read_records(url, since=since - timedelta(hours=2), until=since - timedelta(seconds=1))
+print(json.dumps({"window": window, "before": before}))
+"""
+
+
+def test_served_input_records_go_to_the_stacks_s3_store(stack: Stack, tmp_path: Path):
+    """monitor.records: s3://... in team mode: the service's writer and the drift check's reader, in a
+    process with what `agegender stack env` exports (fsspec reads its S3 endpoint when imported)."""
     s3_client(stack).create_bucket(Bucket="agegender-monitoring")
-    for name in ("FSSPEC_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(name, stack.env[name])
-    since = datetime.now(UTC)
-    writer = RecordWriter("s3://agegender-monitoring/records", batch_records=2, flush_seconds=60)
-    for n in range(3):
-        writer.add({"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "request": str(n), "faces": []})
-    writer.close()
+    result = run(str(BIN / "python"), "-c", RECORDS, cwd=tmp_path, env=stack.env)
+    assert json.loads(result.stdout.splitlines()[-1]) == {"window": ["0", "1", "2"], "before": []}, result.stderr
     assert len(keys(stack, "agegender-monitoring")) == 2  # a full batch of 2, then the rest on close
-    records = read_records("s3://agegender-monitoring/records", since=since, until=datetime.now(UTC))
-    assert [r["request"] for r in records] == ["0", "1", "2"]
-    assert read_records("s3://agegender-monitoring/records", since=since - timedelta(hours=2), until=since) == []
 
 
 FLOW = """
