@@ -129,12 +129,12 @@ def stack_up(root: Path, cfg: StackParams, *, base_env: Mapping[str, str], repor
     values = ensure_secrets(root)
     missing = [name for name in SERVICES if not is_running(root, name)]
     check_ports(cfg, missing)
-    started = []
+    started, processes = [], {}
     try:
         for name in SERVICES:  # PostgreSQL first; the other three then start side by side
             if name in missing:
                 report(f"starting {name} ...")
-                STARTERS[name](root, cfg, values, base_env)
+                processes[name] = STARTERS[name](root, cfg, values, base_env)
                 started.append(name)
             else:
                 report(f"{name} is already running at {urls(cfg)[name]}")
@@ -142,7 +142,7 @@ def stack_up(root: Path, cfg: StackParams, *, base_env: Mapping[str, str], repor
                 create_databases(cfg, values)
         for name in started:
             if name in READY_PATHS:
-                _wait_ready(root, cfg, name)
+                _wait_ready(root, cfg, name, processes[name])
             report(f"{name} is up at {urls(cfg)[name]} (log: {log_path(root, name)})")
         create_buckets(cfg, values)
     except BaseException:
@@ -373,7 +373,7 @@ def _give_to_postgres(path: Path) -> None:
 # --- S3 (SeaweedFS) ------------------------------------------------------------------------
 
 
-def start_s3(root: Path, cfg: StackParams, values: dict[str, str], base_env: Mapping[str, str]) -> None:
+def start_s3(root: Path, cfg: StackParams, values: dict[str, str], base_env: Mapping[str, str]) -> subprocess.Popen:
     (root / "seaweed").mkdir(exist_ok=True)
     config = root / "seaweed-s3.json"
     identity = {
@@ -401,7 +401,7 @@ def start_s3(root: Path, cfg: StackParams, values: dict[str, str], base_env: Map
         "-volume.max=0",  # as many volumes as the disk holds: each bucket takes 7, the default allows 8
         "-master.volumeSizeLimitMB=1024",
     ]
-    _spawn(root, "s3", args, dict(base_env))
+    return _spawn(root, "s3", args, dict(base_env))
 
 
 def create_buckets(cfg: StackParams, values: dict[str, str]) -> None:
@@ -434,7 +434,7 @@ def create_buckets(cfg: StackParams, values: dict[str, str]) -> None:
 # --- MLflow and Prefect servers ------------------------------------------------------------
 
 
-def start_mlflow(root: Path, cfg: StackParams, values: dict[str, str], base_env: Mapping[str, str]) -> None:
+def start_mlflow(root: Path, cfg: StackParams, values: dict[str, str], base_env: Mapping[str, str]) -> subprocess.Popen:
     pg = f"{cfg.host}:{cfg.ports.postgres}"
     env = {
         **base_env,
@@ -452,10 +452,12 @@ def start_mlflow(root: Path, cfg: StackParams, values: dict[str, str], base_env:
         *("--host", cfg.host, "--port", str(cfg.ports.mlflow), "--workers", "1"),
         *("--artifacts-destination", f"s3://{cfg.buckets.mlflow}"),
     ]
-    _spawn(root, "mlflow", args, env)
+    return _spawn(root, "mlflow", args, env)
 
 
-def start_prefect(root: Path, cfg: StackParams, values: dict[str, str], base_env: Mapping[str, str]) -> None:
+def start_prefect(
+    root: Path, cfg: StackParams, values: dict[str, str], base_env: Mapping[str, str]
+) -> subprocess.Popen:
     (root / "prefect").mkdir(exist_ok=True)
     pg = f"{cfg.host}:{cfg.ports.postgres}"
     env = {
@@ -465,7 +467,7 @@ def start_prefect(root: Path, cfg: StackParams, values: dict[str, str], base_env
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
     args = [str(BIN / "prefect"), "server", "start", "--host", cfg.host, "--port", str(cfg.ports.prefect)]
-    _spawn(root, "prefect", args, env)
+    return _spawn(root, "prefect", args, env)
 
 
 STARTERS = {"postgres": start_postgres, "s3": start_s3, "mlflow": start_mlflow, "prefect": start_prefect}
@@ -475,7 +477,7 @@ READY_PATHS = {"s3": "/", "mlflow": "/health", "prefect": "/api/health"}  # Post
 # --- processes -----------------------------------------------------------------------------
 
 
-def _spawn(root: Path, service: str, args: list[str], env: dict[str, str]) -> None:
+def _spawn(root: Path, service: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
     """Start a daemon in a session of its own, output appended to its log, its pid in run/."""
     log = log_path(root, service)
     log.parent.mkdir(exist_ok=True)
@@ -491,16 +493,16 @@ def _spawn(root: Path, service: str, args: list[str], env: dict[str, str]) -> No
             start_new_session=True,
         )
     pid_path(root, service).write_text(f"{process.pid}\n")
+    return process
 
 
-def _wait_ready(root: Path, cfg: StackParams, service: str) -> None:
-    pid = _read_pid(root, service)
+def _wait_ready(root: Path, cfg: StackParams, service: str, process: subprocess.Popen) -> None:
     url = urls(cfg)[service] + READY_PATHS[service]
     log = log_path(root, service)
     deadline = time.monotonic() + START_SECONDS[service]
     while time.monotonic() < deadline:
-        if not _alive(pid, DAEMONS[service]):
-            raise StackError(f"{service} exited while starting; last lines of {log}:\n{_tail(log)}")
+        if (code := process.poll()) is not None:  # our own child: its exit status is certain
+            raise StackError(f"{service} exited with {code} while starting; last lines of {log}:\n{_tail(log)}")
         if _http_answers(url, any_status=service == "s3"):  # S3 answers anonymous requests with 403
             return
         time.sleep(0.5)
