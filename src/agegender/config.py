@@ -87,6 +87,7 @@ class AugmentParams(Section):
     zoom: float = Field(0.08, ge=0.0, le=0.5)
     brightness: float = Field(0.1, ge=0.0, le=1.0, description="fraction of the 0..255 range")
     contrast: float = Field(0.25, ge=0.0, le=1.0)
+    grayscale: float = Field(0.0, ge=0.0, le=1.0, description="probability that a training image is turned grey")
 
 
 class LossWeights(Section):

@@ -83,7 +83,7 @@ def compute_metrics(
     """Age and gender metrics on one split; gender 1 is female, race -1 is unknown.
 
     Flat scalars: n_samples, age_mae, age_rmse, age_cs5, gender_accuracy, gender_f1,
-    gender_roc_auc, gender_accuracy_18plus, age_mae_group_gap, gender_accuracy_group_gap
+    gender_roc_auc, gender_accuracy_18plus, age_mae_18plus, age_mae_group_gap, gender_accuracy_group_gap
     (None where undefined). Nested: age_mae_by_bucket {bucket: mae},
     gender_confusion_matrix [[tn, fp], [fn, tp]],
     by_race {name: {n_samples, age_mae, gender_accuracy}}.
@@ -122,6 +122,7 @@ def compute_metrics(
         "gender_accuracy_18plus": _round(accuracy_score(gender_true[adults], gender_pred[adults]))
         if adults.any()
         else None,
+        "age_mae_18plus": _round(errors[adults].mean()) if adults.any() else None,
         "age_mae_group_gap": _gap([g["age_mae"] for g in by_race.values()]),
         "gender_accuracy_group_gap": _gap([g["gender_accuracy"] for g in by_race.values()]),
         "age_mae_by_bucket": _mae_by_bucket(age_true, age_pred, age_buckets),

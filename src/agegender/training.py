@@ -542,6 +542,8 @@ def make_augmenter(cfg: TrainParams) -> keras.Sequential:
         steps.append(keras.layers.RandomBrightness(aug.brightness, value_range=(0, 255), seed=next(seeds)))
     if aug.contrast:
         steps.append(keras.layers.RandomContrast(aug.contrast, value_range=(0, 255), seed=next(seeds)))
+    if aug.grayscale:
+        steps.append(keras.layers.RandomGrayscale(aug.grayscale, seed=next(seeds)))
     return keras.Sequential(steps, name="augment")
 
 

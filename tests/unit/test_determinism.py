@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agegender.config import TrainParams
+from agegender.config import AugmentParams, TrainParams
 from agegender.training import train_model
 
 SIZE = 32
@@ -26,7 +26,9 @@ def runs() -> dict[str, tuple[list[np.ndarray], dict]]:
     train, val = split(128, seed=1), split(32, seed=2)
     fitted = {}
     for name, seed in (("first", 42), ("again", 42), ("other seed", 43)):
-        cfg = TrainParams(width=4, epochs=1, batch_size=32, warmup_epochs=0, seed=seed)
+        cfg = TrainParams(
+            width=4, epochs=1, batch_size=32, warmup_epochs=0, seed=seed, augment=AugmentParams(grayscale=0.3)
+        )
         model, history = train_model(cfg, SIZE, train, val, callbacks=[], verbose=0)
         fitted[name] = (model.get_weights(), history)
     return fitted

@@ -65,6 +65,7 @@ def test_gender_metrics_match_sklearn_and_hand_computed_values():
     assert m["gender_roc_auc"] == round(roc_auc_score(GENDER, FEMALE_PROB), 4)
     assert m["gender_roc_auc"] == round(33 / 36, 4)
     assert m["gender_accuracy_18plus"] == round(7 / 9, 4)  # the 5, 12 and 15 year olds are out
+    assert m["age_mae_18plus"] == 36 / 9  # |errors| of the nine adults: 3 4 6 0 2 2 2 10 7
 
 
 def test_race_groups_and_gaps():
@@ -87,6 +88,7 @@ def test_undefined_metrics_are_none():
     )
     assert m["gender_roc_auc"] is None  # a single class
     assert m["gender_accuracy_18plus"] is None  # no adults
+    assert m["age_mae_18plus"] is None
     assert m["by_race"] == {}
     assert m["age_mae_group_gap"] is None
     assert m["gender_accuracy_group_gap"] is None

@@ -29,3 +29,21 @@ def test_bad_inputs_are_refused_with_their_reason(train, val, batch_size, messag
 
 def test_good_inputs_pass():
     check_inputs(split(8), split(4), image_size=32, batch_size=8)
+
+
+def test_grayscale_augmentation_greys_whole_images_at_its_rate():
+    from agegender.config import AugmentParams, TrainParams
+    from agegender.training import make_augmenter
+
+    # flip stays on: it keeps colour, and an augmenter needs a layer
+    colour = np.random.default_rng(0).integers(0, 256, (200, 8, 8, 3)).astype(np.float32)
+    plain = AugmentParams(flip=True, rotation=0, shift=0, zoom=0, brightness=0, contrast=0)
+
+    def grey_share(rate: float) -> float:
+        augment = make_augmenter(TrainParams(augment=plain.model_copy(update={"grayscale": rate})))
+        out = np.asarray(augment(colour, training=True))
+        return float(np.mean(np.ptp(out, axis=-1).max(axis=(1, 2)) < 1e-3))
+
+    assert grey_share(0.0) == 0.0
+    assert grey_share(1.0) == 1.0
+    assert 0.15 < grey_share(0.3) < 0.45  # 200 draws at 0.3
