@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from agegender import paths
 from agegender.config import ConfigError, Params, load_params
@@ -43,7 +44,7 @@ ROOT = Path(".")  # relative, so messages name paths as dvc.yaml does
 
 
 def fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}")  # escaped: errors quote text like "[Errno 111]"
     return typer.Exit(code=1)
 
 
@@ -185,10 +186,19 @@ def evaluate_command(params_file: Path = PARAMS) -> None:
 @app.command("register")
 def register_command(params_file: Path = PARAMS) -> None:
     """Register the evaluated model as a new version; move aliases as the gate decided."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     from agegender.registry import run_register_stage
 
     params = params_or_exit(params_file)
-    result = run_register_stage(ROOT, params, tracking_uri=env_tracking_uri())
+    try:
+        result = run_register_stage(ROOT, params, tracking_uri=env_tracking_uri())
+    except MlflowException as err:
+        raise fail(
+            f"registering in the MLflow registry at {mlflow.get_tracking_uri()} failed; run "
+            f"`agegender register` again when it answers (it ends what this attempt left). MLflow said: {err.message}"
+        ) from None
     console.print(result.summary, markup=False)
 
 
