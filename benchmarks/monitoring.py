@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,10 +36,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.service import load, make_scenes, ready  # noqa: E402
+from benchmarks.service import bentoml_serve, load, make_scenes  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "monitoring.json"
-BIN = Path(sys.executable).parent
 
 
 @contextlib.contextmanager
@@ -57,25 +55,8 @@ def serving(store: Path, enabled: bool, work: Path, port: int):
         "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
         "BENTOML_HOME": str(work / f"bentoml-{port}"),
     }
-    log = (work / f"serve-{port}.log").open("w")
-    command = [str(BIN / "bentoml"), "serve", "service.service:AgeGender", "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(
-        [*command, "--arg", f"params={params_file}"], cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not ready(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"bentoml serve did not start; see {log.name}")
-            time.sleep(1)
+    with bentoml_serve(params_file, port, env, work / f"serve-{port}.log"):
         yield url
-    finally:
-        os.killpg(process.pid, 15)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait(timeout=30)
 
 
 def service_cost(store: Path, scenes: list[dict], seconds: float, rounds: int, work: Path) -> dict:

@@ -17,8 +17,10 @@ Writes benchmarks/results/service.json. Clients run on the same 2-core machine a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -27,6 +29,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -128,6 +131,35 @@ def ready(url: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def bentoml_serve(params_file: Path, port: int, env: dict, log_path: Path) -> Iterator[subprocess.Popen]:
+    """`bentoml serve` of the repository's service on 127.0.0.1:port, yielded once /readyz answers; stopped on exit."""
+    command = [str(BIN / "bentoml"), "serve", "service.service:AgeGender", "--host", "127.0.0.1", "--port", str(port)]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [*command, "--arg", f"params={params_file}"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not ready(f"http://127.0.0.1:{port}"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"bentoml serve did not start; see {log_path}")
+            time.sleep(1)
+        yield process
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # bentoml 1.4 sometimes hangs in shutdown after heavy load
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
 def serve_and_load(store: Path, scenes: list[dict], max_batch_size: int, seconds: float, work: Path) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["serve"]["max_batch_size"] = max_batch_size
@@ -136,17 +168,7 @@ def serve_and_load(store: Path, scenes: list[dict], max_batch_size: int, seconds
     port = 3700 + max_batch_size
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
-    log = (work / f"serve-batch{max_batch_size}.log").open("w")
-    command = [str(BIN / "bentoml"), "serve", "service.service:AgeGender", "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(
-        [*command, "--arg", f"params={params_file}"], cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not ready(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"bentoml serve did not start; see {log.name}")
-            time.sleep(1)
+    with bentoml_serve(params_file, port, env, work / f"serve-batch{max_batch_size}.log") as process:
         load(url, scenes, 4, 5)  # warm-up: graph tracing, connection pools
         runs = {}
         for clients in (1, 8, 32):
@@ -154,13 +176,6 @@ def serve_and_load(store: Path, scenes: list[dict], max_batch_size: int, seconds
             runs[str(clients)] = load(url, scenes, clients, seconds)
         runs["server_alive_after"] = process.poll() is None
         return runs
-    finally:
-        os.killpg(process.pid, 15)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # bentoml 1.4 sometimes hangs in shutdown after heavy load
-            os.killpg(process.pid, 9)
-            process.wait(timeout=30)
 
 
 def path_quality(predictor, scenes: list[dict]) -> dict:

@@ -18,7 +18,6 @@ import argparse
 import collections
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -34,12 +33,11 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.scenes import compose  # noqa: E402
-from benchmarks.service import ready  # noqa: E402
+from benchmarks.service import bentoml_serve  # noqa: E402
 from tests.conftest import utkface_files  # noqa: E402
 from tests.unit.test_decode import bomb_png  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "soak.json"
-BIN = Path(sys.executable).parent
 SAMPLE_SECONDS = 15
 
 
@@ -187,33 +185,11 @@ def main() -> None:
     url = f"http://127.0.0.1:{args.port}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
     log_path = store / "soak-serve.log"
-    command = [str(BIN / "bentoml"), "serve", "service.service:AgeGender", "--host", "127.0.0.1"]
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [*command, "--port", str(args.port), "--arg", f"params={ROOT / 'params.yaml'}"],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 300
-        while not ready(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"bentoml serve did not start; see {log_path}")
-            time.sleep(1)
+    with bentoml_serve(ROOT / "params.yaml", args.port, env, log_path) as process:
         processes = service_processes(process.pid)
         print(f"Soaking {url} with {args.clients} clients for {args.minutes} min; RSS {rss_mb(processes)}", flush=True)
         result = soak(url, mix, args.clients, args.minutes * 60, processes)
         result["server_alive_after"] = process.poll() is None
-    finally:
-        os.killpg(process.pid, 15)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # bentoml 1.4 sometimes hangs in shutdown after heavy load
-            os.killpg(process.pid, 9)
-            process.wait(timeout=30)
     result = {
         "model": f"models:/agegender@champion in {store.name}",
         "minutes": args.minutes,

@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import platform
-import random
 import shlex
 import shutil
 import signal
@@ -38,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 UTKFACE = ROOT.parent / "shared" / "datasets" / "utkface-part1"
 RESULTS = ROOT / "benchmarks" / "results" / "team_stack.json"
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))
+from tests.conftest import stack_ports  # noqa: E402
 
 
 def run(*args: str, cwd: Path, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
@@ -49,28 +50,11 @@ def run(*args: str, cwd: Path, env: dict | None = None) -> tuple[subprocess.Comp
     return result, seconds
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` consecutive free ports on 127.0.0.1, below Linux's ephemeral range (32768 and up), so that
-    other programs' outgoing connections cannot take one between the stack's first and second start."""
-    for first in random.sample(range(20000, 32768 - count), 1000):
-        try:
-            for port in range(first, first + count):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return list(range(first, first + count))
-    raise SystemExit(f"no {count} consecutive free ports between 20000 and 32768")
-
-
 def make_repo(repo: Path, stack_dir: Path) -> None:
     """A git + DVC project whose params.yaml puts the stack in stack_dir on free ports."""
     repo.mkdir()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    # One block of 11, so that SeaweedFS's 7 ports cannot overlap the other four (none is bound yet).
-    postgres, s3, mlflow, prefect, seaweed = free_ports(11)[:5]
-    ports = {"postgres": postgres, "s3": s3, "mlflow": mlflow, "prefect": prefect, "seaweed": seaweed}
-    params["stack"].update({"dir": str(stack_dir), "ports": ports})
+    params["stack"].update({"dir": str(stack_dir), "ports": stack_ports()})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run("git", "init", "-q", cwd=repo)
     run("dvc", "init", "-q", cwd=repo)

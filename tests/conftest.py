@@ -248,13 +248,9 @@ def free_port_block(size: int) -> int:
 
 
 def stack_ports() -> dict:
-    return {
-        "postgres": free_port_block(1),
-        "s3": free_port_block(1),
-        "mlflow": free_port_block(1),
-        "prefect": free_port_block(1),
-        "seaweed": free_port_block(SEAWEED_PORTS),
-    }
+    """Ports for a stack in one block, so SeaweedFS's internal ports cannot overlap the other four (none is bound yet)."""
+    first = free_port_block(4 + SEAWEED_PORTS)
+    return {"postgres": first, "s3": first + 1, "mlflow": first + 2, "prefect": first + 3, "seaweed": first + 4}
 
 
 def exported(text: str) -> dict:
