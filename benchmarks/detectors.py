@@ -403,10 +403,12 @@ def main() -> None:
             flush=True,
         )
 
+    timing = interleaved_timing(configs(), images[:200], [c for c, _ in comps[:50]], big)
     pipeline = pipeline_rates(files[args.chips :], args.pipeline_chips, args.pipeline_scenes) if args.pipeline else None
     if args.only:
         report = json.loads(args.out.read_text())
         report["results"].update(rows)
+        report["timing_interleaved"] = timing
         if pipeline:
             report["pipeline"] = pipeline
         report.setdefault("rows_re_run", {}).update(
@@ -415,7 +417,6 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"updated {sorted(rows)} in {args.out}")
         return
-    timing = interleaved_timing(configs(), images[:200], [c for c, _ in comps[:50]], big)
     try:
         from importlib.metadata import version
 
