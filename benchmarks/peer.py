@@ -9,7 +9,7 @@ Run (the group is not in the default environment; a plain `uv sync --frozen` rem
 
     uv run --frozen --group peer python benchmarks/peer.py --store DIR
 
-DIR is a project folder made by `benchmarks/train_quality.py --keep DIR`: its test split
+DIR is a project folder made by `benchmarks/train_quality.py --store DIR`: its test split
 (DIR/artifacts/prepared/split.csv) is scored by our model through `Predictor.predict_chips`
 (the product's detect -> crop -> predict path) and by the peer on its best framing of the
 chips. The framing is chosen on validation rows only, so nothing is tuned on the test split.
@@ -167,23 +167,17 @@ def centre_crop(image: np.ndarray, fraction: float) -> np.ndarray:
     return cv2.resize(image[y : y + ch, x : x + cw], (PEER_SIZE, PEER_SIZE), interpolation=cv2.INTER_AREA)
 
 
-def yu4u_crop(image: np.ndarray, box: Box) -> np.ndarray:
-    """yu4u's demo: the detected box plus 40% on each side, clamped to the image, stretched to 64x64."""
-    h, w = image.shape[:2]
-    x1, y1 = max(int(box.x - PEER_MARGIN * box.w), 0), max(int(box.y - PEER_MARGIN * box.h), 0)
-    x2, y2 = min(int(box.x + box.w * (1 + PEER_MARGIN)), w - 1), min(int(box.y + box.h * (1 + PEER_MARGIN)), h - 1)
-    return cv2.resize(image[y1 : y2 + 1, x1 : x2 + 1], (PEER_SIZE, PEER_SIZE), interpolation=cv2.INTER_AREA)
-
-
-# name -> (chip, detected box) -> 64x64 BGR crop
+# name -> (chip, detected box) -> 64x64 BGR crop. yu4u's own demo crop (the box plus 40%, clamped to
+# the image) is the whole chip on a chip, because the detected box already fills it: not tried twice.
 FRAMINGS: dict[str, Callable[[np.ndarray, Box], np.ndarray]] = {
     "whole_chip": lambda image, box: cv2.resize(image, (PEER_SIZE, PEER_SIZE), interpolation=cv2.INTER_AREA),
-    "border_reflect_0.2": lambda image, box: bordered(image, 0.2, cv2.BORDER_REFLECT_101),
-    "border_reflect_0.4": lambda image, box: bordered(image, 0.4, cv2.BORDER_REFLECT_101),
-    "border_black_0.2": lambda image, box: bordered(image, 0.2, cv2.BORDER_CONSTANT),
-    "border_black_0.4": lambda image, box: bordered(image, 0.4, cv2.BORDER_CONSTANT),
     "centre_crop_0.8": lambda image, box: centre_crop(image, 0.8),
-    "detected_margin_0.4_clamped": yu4u_crop,
+    "border_black_0.2": lambda image, box: bordered(image, 0.2, cv2.BORDER_CONSTANT),
+    "border_black_0.3": lambda image, box: bordered(image, 0.3, cv2.BORDER_CONSTANT),
+    "border_black_0.4": lambda image, box: bordered(image, 0.4, cv2.BORDER_CONSTANT),
+    "border_black_0.5": lambda image, box: bordered(image, 0.5, cv2.BORDER_CONSTANT),
+    "border_reflect_0.4": lambda image, box: bordered(image, 0.4, cv2.BORDER_REFLECT_101),
+    # the detected box plus 40% on each side as a square, missing pixels repeating the edge (crop_face)
     "detected_margin_0.4_replicate": lambda image, box: crop_face(image, box, margin=PEER_MARGIN, size=PEER_SIZE),
 }
 
@@ -283,14 +277,14 @@ def side_by_side(ours: dict, peer_age: dict, peer_gender: dict, speed: dict) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", type=Path, required=True, help="a folder made by train_quality.py --keep")
+    parser.add_argument("--store", type=Path, required=True, help="a folder made by train_quality.py --store")
     parser.add_argument("--val-images", type=int, default=500, help="validation chips to choose the framing on")
     args = parser.parse_args()
     store = args.store.resolve()
     model_dir, prepared = store / "artifacts/model", store / "artifacts/prepared"
     for needed in (model_dir / paths.KERAS_MODEL, prepared / paths.SPLIT_TABLE):
         if not needed.is_file():
-            raise SystemExit(f"{needed} is missing: make the store with benchmarks/train_quality.py --keep {store}")
+            raise SystemExit(f"{needed} is missing: make the store with benchmarks/train_quality.py --store {store}")
     weights = peer_weights_path()
     age_buckets = load_params(ROOT / "params.yaml").validate_.age_buckets
     load_start = [round(x, 2) for x in os.getloadavg()]
