@@ -45,7 +45,9 @@ RelBox = tuple[float, float, float]
 # stick out of the chip, mostly at the top (the forehead and hair the chip cut off).
 HAAR_CHIP_BOX: RelBox = (0.497, 0.421, 1.027)
 MTCNN_CHIP_BOX: RelBox = (0.483, 0.429, 1.081)
-BLAZEFACE_CHIP_BOX: RelBox = (0.5, 0.5, 1.0)  # placeholder, measured below
+# BlazeFace (short range, pad 0) on the same 1000 chips, hit rate 99.5%, std (0.052, 0.032, 0.062):
+# its box is lower and tighter than MTCNN's (brows to chin, no forehead).
+BLAZEFACE_CHIP_BOX: RelBox = (0.497, 0.507, 0.965)
 
 DETECTOR_NAMES = ("haar", "mtcnn", "blazeface")
 
