@@ -1,16 +1,21 @@
 """The training flow on a Prefect work pool across hosts (network namespaces, tests/hosts.py).
 
-    server   agegender stack up (PostgreSQL, S3, MLflow, Prefect server on its bridge address)
-             and `git daemon` serving the project repository
+    server   agegender stack up (PostgreSQL, S3, MLflow, Prefect server on its bridge address),
+             `git daemon` serving the project repository, and `dask scheduler`
     worker1  prefect worker start --pool agegender
     worker2  prefect worker start --pool agegender
+    dask1    dask worker (one thread)
+    dask2    dask worker (one thread)
 
-`agegender flow deploy` deploys prefect.yaml's two deployments; a run is picked up by a worker
-host, which clones the deployed commit over the network, pulls the data version from S3, trains
-and registers the champion on the server's MLflow. The scheduled retraining's run, created by the
-server's scheduler, runs on a worker. Faults: a worker host killed mid-stage (the run is marked
-Crashed for missing heartbeats and completed on the other host, the killed attempt's MLflow runs
-ended as KILLED), and the Prefect server restarted while a worker waits.
+The deployed commit has two candidates and scale.dask_scheduler naming the server's scheduler;
+`agegender flow deploy` deploys prefect.yaml's two deployments. Issue 11's "done" is one test: the
+server's scheduler creates the `retrain` run (no champion yet, so it trains), a worker host takes
+it, clones the deployed commit over the network, pulls the data version from S3, detects faces in
+shards on both Dask workers, trains the two candidates side by side on them, and registers the
+champion on the server's MLflow. Faults: a worker host killed mid-stage in a `train` run started by
+hand (the run is marked Crashed for missing heartbeats and completed on the other host, the killed
+attempt's MLflow runs ended as KILLED), and the Prefect server restarted while a worker waits. The
+Dask workers have hosts of their own, so a killed worker host takes no Dask worker with it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from tests.conftest import (
     OPEN_GATES,
     PROJECT,
     TINY,
+    TWO_CANDIDATES,
     TeamStack,
     copy_utk_subset,
     exported,
@@ -41,6 +47,7 @@ from tests.conftest import (
     use_team_remote,
     wait_until,
 )
+from tests.e2e.test_scale_out_dask import DASK_PORT, Cluster, detector_use
 from tests.hosts import Host, network_hosts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -48,6 +55,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TRAIN, RETRAIN = "agegender-training/train", "agegender-training/retrain"
 RUN_SECONDS = 900  # one training run (clone, dvc pull, every stage) on a slow shared machine
 HEARTBEAT = {"heartbeat_seconds": 30, "missed_heartbeats": 2}  # a lost host's run is Crashed after 60 s
+CHIPS, SHARD_IMAGES = 150, 20  # 8 detection shards: enough for both Dask workers to get some
 
 
 @dataclass
@@ -58,6 +66,7 @@ class Pool:
     deployed: str  # the commit `agegender flow deploy` deployed
     folder: Path
     workers: dict
+    dask: Cluster  # the scheduler on the server host, dask1 and dask2 its workers
 
     def start_worker(self, name: str) -> None:
         home = self.folder / name
@@ -75,6 +84,12 @@ class Pool:
             started = f"Flow run '{flow_run(flow_run_id).name}' submitted to infrastructure"
         return [name for name in self.workers if started in self.log(name).read_text(errors="replace")]
 
+    def host_of(self, address: str) -> str:
+        """The test host with this address (a Dask worker's tcp://IP:PORT or a bare IP)."""
+        ip = address.removeprefix("tcp://").rsplit(":", 1)[0]
+        (name,) = [name for name, host in self.hosts.items() if host.address == ip]
+        return name
+
 
 @pytest.fixture(scope="module")
 def pool() -> Pool:
@@ -84,7 +99,7 @@ def pool() -> Pool:
     root = folder / "stack"
     params = folder / "params.yaml"
     try:
-        with network_hosts(["server", "worker1", "worker2"]) as hosts:
+        with network_hosts(["server", "worker1", "worker2", "dask1", "dask2"]) as hosts:
             server = hosts["server"]
             settings = {"dir": str(root), "host": server.address}  # default ports: the server host has its own
             shutil.copyfile(PROJECT / "params.yaml", params)
@@ -107,6 +122,7 @@ def pool() -> Pool:
 
 def make_pool(hosts: dict[str, Host], stack: TeamStack, folder: Path) -> Pool:
     server = hosts["server"]
+    dask = start_dask(hosts, folder)
     repo = make_project_repo(folder)  # folder/repo, served as git://SERVER/repo
     daemon = ["git", "daemon", f"--base-path={folder}", "--export-all", "--reuseaddr", f"--listen={server.address}"]
     git_log = folder / "git-daemon.log"
@@ -115,11 +131,12 @@ def make_pool(hosts: dict[str, Host], stack: TeamStack, folder: Path) -> Pool:
     wait_until(lambda: run("git", "ls-remote", "origin", cwd=repo, check=False).returncode == 0,
                what="git daemon", seconds=60, process=served, log=git_log)  # fmt: skip
     use_team_remote(repo, stack)
-    set_params(repo, {**TINY, "gates": OPEN_GATES, "schedule": HEARTBEAT})
+    scale = {"dask_scheduler": dask.scheduler, "shard_images": SHARD_IMAGES}
+    set_params(repo, {**TINY, "gates": OPEN_GATES, "schedule": HEARTBEAT, "candidates": TWO_CANDIDATES, "scale": scale})
     shutil.copyfile(PROJECT / "prefect.yaml", repo / "prefect.yaml")
-    run("agegender", "data", "ingest", str(copy_utk_subset(folder / "utk", count=150)), cwd=repo, env=stack.env)
+    run("agegender", "data", "ingest", str(copy_utk_subset(folder / "utk", count=CHIPS)), cwd=repo, env=stack.env)
     run("git", "add", "params.yaml", "data.dvc", "prefect.yaml", cwd=repo)
-    run("git", "commit", "-qm", "data: 150 chips in the team's S3; tiny model; the deployments", cwd=repo)
+    run("git", "commit", "-qm", "data in the team's S3; tiny model, two candidates on Dask; the deployments", cwd=repo)
     deployed = run("git", "rev-parse", "HEAD", cwd=repo).stdout.strip()
     deploy = run("agegender", "flow", "deploy", cwd=repo, env=stack.env)
     assert f"Deployed {TRAIN}, {RETRAIN}" in deploy.stderr, deploy.stderr
@@ -127,10 +144,21 @@ def make_pool(hosts: dict[str, Host], stack: TeamStack, folder: Path) -> Pool:
     (repo / "NOTES.md").write_text("after the deploy\n")
     run("git", "add", "NOTES.md", cwd=repo)
     run("git", "commit", "-qm", "a commit after the deploy", cwd=repo)
-    pool = Pool(hosts=hosts, stack=stack, repo=repo, deployed=deployed, folder=folder, workers={})
+    pool = Pool(hosts=hosts, stack=stack, repo=repo, deployed=deployed, folder=folder, workers={}, dask=dask)
     for name in ("worker1", "worker2"):
         pool.start_worker(name)
     return pool
+
+
+def start_dask(hosts: dict[str, Host], folder: Path) -> Cluster:
+    """`dask scheduler` on the server host (its MLflow is the store), a one-thread `dask worker` on dask1 and dask2."""
+    cluster = Cluster({"scheduler": hosts["server"], "store": hosts["server"], "dask1": hosts["dask1"],
+                       "dask2": hosts["dask2"]}, logs=folder)  # fmt: skip
+    args = [BIN / "dask", "scheduler", "--host", hosts["server"].address, "--port", DASK_PORT, "--no-dashboard"]
+    hosts["server"].start(args, cwd=folder, env=dict(os.environ), log=folder / "dask-scheduler.log")
+    cluster.start_worker("dask1"), cluster.start_worker("dask2")
+    cluster.wait_for_workers(2)
+    return cluster
 
 
 @contextlib.contextmanager
@@ -200,34 +228,6 @@ def assert_registry_consistent(pool: Pool) -> dict[str, str]:
     return aliases
 
 
-@pytest.mark.timeout(1800)
-def test_a_deployment_run_on_a_worker_host_clones_the_deployed_commit_pulls_from_s3_and_registers(pool: Pool):
-    from prefect.deployments import run_deployment
-
-    from tests.e2e.test_flows import artifacts_of
-
-    with api(pool):
-        deployment = flow_run_deployment(TRAIN)
-        (clone,) = [step["prefect.deployments.steps.git_clone"] for step in deployment.pull_steps]
-        assert clone["repository"] == f"git://{pool.hosts['server'].address}/repo"
-        assert clone["commit_sha"] == pool.deployed != run("git", "rev-parse", "HEAD", cwd=pool.repo).stdout.strip()
-        started = time.monotonic()
-        done = run_deployment(TRAIN, timeout=0)
-        done = wait_final(pool, done.id)
-        print(f"training run on the pool: {time.monotonic() - started:.0f} s")
-        assert done.state.is_completed() and done.state.message.startswith("trained"), done.state.message
-        assert len(pool.ran_on(done.id)) == 1, "one worker host took the run"
-        report = artifacts_of(done.id)["agegender-training-report"].data
-        assert "(dvc pull)" in report, report  # the data came from the team's S3 bucket
-        assert [line for line in run_logs(pool, done.id, "Running stage") if "'train'" in line], (
-            "stage output in the logs"
-        )
-    (parent,) = [r for r in runs_of(pool, done.id) if r.data.tags.get("role") == "parent"]
-    assert parent.info.status == "FINISHED"
-    assert parent.data.tags["git_commit"] == pool.deployed  # the worker's clone was at the deployed commit
-    assert assert_registry_consistent(pool) == {"champion": "1", "challenger": "1"}
-
-
 def flow_run_deployment(name: str):
     from prefect.client.orchestration import get_client
 
@@ -235,8 +235,8 @@ def flow_run_deployment(name: str):
         return client.read_deployment_by_name(name)
 
 
-@pytest.mark.timeout(900)
-def test_the_scheduled_retraining_is_created_by_the_server_and_runs_on_a_worker(pool: Pool):
+def next_scheduled(deployment):
+    """The deployment's earliest run in state Scheduled, or None."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         DeploymentFilter,
@@ -247,7 +247,31 @@ def test_the_scheduled_retraining_is_created_by_the_server_and_runs_on_a_worker(
     )
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        found = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
+            ),
+            sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+            limit=1,
+        )
+    return found[0] if found else None
+
+
+def shards_cropped(pool: Pool) -> dict[str, int]:
+    """Per Dask worker host: the detection shards its worker process has cropped since it started."""
+    return {pool.host_of(address): shards for address, (_, shards) in detector_use(pool.dask).items()}
+
+
+@pytest.mark.timeout(1800)
+def test_the_scheduled_retraining_fires_on_the_server_and_trains_on_a_worker_host_over_dask(pool: Pool):
+    """Issue 11's "done": scheduler -> worker host -> clean clone + S3 data -> Dask -> shared registry."""
+    from prefect.client.orchestration import get_client
     from prefect.states import Scheduled
+
+    from tests.e2e.test_flows import artifacts_of
 
     schedule = {"cron": "0 3 * * 1", "timezone": "UTC"}  # params.yaml's, unchanged by the test repo
     with api(pool):
@@ -255,29 +279,41 @@ def test_the_scheduled_retraining_is_created_by_the_server_and_runs_on_a_worker(
         (entry,) = deployment.schedules
         assert (entry.schedule.cron, entry.schedule.timezone) == (schedule["cron"], schedule["timezone"])
         assert deployment.parameters == {"force": False}
-
-        def next_scheduled():
-            with get_client(sync_client=True) as client:
-                found = client.read_flow_runs(
-                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
-                    flow_run_filter=FlowRunFilter(
-                        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
-                    ),
-                    sort=FlowRunSort.EXPECTED_START_TIME_ASC,
-                    limit=1,
-                )
-            return found[0] if found else None
-
+        (clone,) = [step["prefect.deployments.steps.git_clone"] for step in deployment.pull_steps]
+        assert clone["repository"] == f"git://{pool.hosts['server'].address}/repo"
+        assert clone["commit_sha"] == pool.deployed != run("git", "rev-parse", "HEAD", cwd=pool.repo).stdout.strip()
         # The server's scheduler creates the coming runs on its own; the test moves the next one to now.
-        upcoming = wait_until(next_scheduled, what="a scheduled run", seconds=180, process=pool.workers["worker1"],
-                              log=pool.log("worker1"))  # fmt: skip
+        upcoming = wait_until(lambda: next_scheduled(deployment), what="a scheduled run", seconds=300,
+                              process=pool.workers["worker1"], log=pool.log("worker1"))  # fmt: skip
         assert upcoming.auto_scheduled
+        before = shards_cropped(pool)
+        started = time.monotonic()
         with get_client(sync_client=True) as client:
             client.set_flow_run_state(upcoming.id, Scheduled(), force=True)  # due now
-        done = wait_final(pool, upcoming.id, seconds=600)
-    # The champion was trained on data.dvc's version: the scheduled run decides not to retrain.
-    assert done.state.name == "Skipped", done.state.message
-    assert len(pool.ran_on(done.id)) == 1
+        done = wait_final(pool, upcoming.id)
+        print(f"scheduled retraining on the pool: {time.monotonic() - started:.0f} s")
+        # No champion yet: force=False retrains.
+        assert done.state.is_completed() and done.state.message.startswith("trained"), done.state.message
+        assert len(pool.ran_on(done.id)) == 1, "one worker host took the run"
+        report = artifacts_of(done.id)["agegender-training-report"].data
+        assert "(dvc pull)" in report, report  # the data came from the team's S3 bucket
+        assert [line for line in run_logs(pool, done.id, "Running stage") if "'train'" in line], (
+            "stage output in the logs"
+        )
+    after = shards_cropped(pool)
+    shards = {host: after[host] - before.get(host, 0) for host in ("dask1", "dask2")}
+    assert min(shards.values()) > 0 and sum(shards.values()) == -(-CHIPS // SHARD_IMAGES), shards
+    (parent,) = [r for r in runs_of(pool, done.id) if r.data.tags.get("role") == "parent"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["git_commit"] == pool.deployed  # the worker's clone was at the deployed commit
+    children = mlflow_client(pool).search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert {r.info.status for r in children} == {"FINISHED"} and len(children) == 2
+    assert sorted(pool.host_of(r.data.tags["dask_worker"]) for r in children) == ["dask1", "dask2"]
+    assert assert_registry_consistent(pool) == {"champion": "1", "challenger": "1"}
+    champion = mlflow_client(pool).get_model_version("agegender", "1")
+    assert champion.run_id == parent.data.tags["winner_run_id"] in {r.info.run_id for r in children}
 
 
 @pytest.mark.timeout(1800)
