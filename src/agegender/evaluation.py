@@ -473,14 +473,14 @@ def evaluate_candidate(
     return decision
 
 
-def load_test_split(prepared_dir: Path, data_dir: Path) -> pd.DataFrame:
-    """The test rows of split.csv with their decoded images."""
+def load_test_split(prepared_dir: Path, data_dir: Path, split: str = "test") -> pd.DataFrame:
+    """The rows of split.csv in `split` (the test split unless said) with their decoded images."""
     from agegender.images import read_image
 
     rows = pd.read_csv(prepared_dir / paths.SPLIT_TABLE, dtype={"race": "Int64"})
-    rows = rows[rows["split"] == "test"].reset_index(drop=True)
+    rows = rows[rows["split"] == split].reset_index(drop=True)
     if rows.empty:
-        raise ValueError(f"{prepared_dir / paths.SPLIT_TABLE}: the test split is empty")
+        raise ValueError(f"{prepared_dir / paths.SPLIT_TABLE}: the {split} split is empty")
     rows["image"] = [read_image(data_dir / f) for f in rows["file"]]
     return rows
 
