@@ -1,15 +1,17 @@
 """The README's real-data recipe on utkface-part1, then utkface-parts23 appended, measured on its test split.
 
-Run: .venv/bin/python benchmarks/train_quality.py --store DIR [--config NAME ...] [--register]
+Run: .venv/bin/python benchmarks/train_quality.py --store DIR [--config NAME ...] [--register] [--results FILE]
 The first run in DIR ingests part 1, appends parts 2+3 (`--append`, as a team adds a batch),
-validates and preprocesses them into DIR; later runs reuse DIR's data and split, so every
-configuration is scored on the same test images and none is chosen on them (the winner is
-picked on validation MAE). Configuration "recipe" trains into DIR/artifacts/model (what
-benchmarks/peer.py and benchmarks/service.py read; `--register` makes it DIR/mlflow.db's
-champion), others into DIR/artifacts/experiments/NAME. Each configuration's result is merged
-into benchmarks/results/train_quality.json (the losers stay there): test age MAE overall, 18+,
-per age bucket and per race group; gender accuracy overall and 18+; the same on grayscale
-chips, darkened (low light) and downscaled (small face) versions of the test images; training
+validates and preprocesses them into DIR; later runs with the same preprocessing reuse DIR's data
+and split, so they are scored on the same test images (a configuration that preprocesses
+otherwise, e.g. another detector, needs its own DIR; the split is the same rows). Choices are
+made on the validation split, never the test split. Configuration "recipe" trains into
+DIR/artifacts/model (what benchmarks/peer.py and benchmarks/service.py read; `--register` makes
+it DIR/mlflow.db's champion), others into DIR/artifacts/experiments/NAME. Each configuration's
+result is merged into --results (default benchmarks/results/train_quality.json; the 6-epoch
+comparisons go to train_ablation.json): test age MAE overall, 18+, per age bucket and per race
+group; gender accuracy overall and 18+; the same on grayscale chips, darkened (low light) and
+downscaled (small face) versions of the validation and test images; preprocessing and training
 wall time; inference ms/face at batch 32; model size; each goal of issue 14 met or not.
 """
 
@@ -35,18 +37,23 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCHES = [ROOT.parent / "shared/datasets/utkface-part1", ROOT.parent / "shared/datasets/utkface-parts23"]
 RESULTS = ROOT / "benchmarks" / "results" / "train_quality.json"
 
-# Train-section overrides per configuration; "recipe" is the README's real-data recipe.
-CONFIGS = {
-    "recipe": {
-        "width": 48,
-        "epochs": 24,
-        "patience": 8,
-        "loss_weights": {"age": 0.1, "age_distribution": 1.0, "gender": 2.0},
-    },
+# Overrides of params.yaml per configuration ("train" and "preprocess" sections); "recipe" is the
+# README's real-data recipe. The short (6-epoch) runs compare one choice each against "recipe-6ep"
+# on the validation split, in a fraction of the time (written with --results .../train_ablation.json).
+RECIPE = {
+    "width": 48,
+    "epochs": 24,
+    "patience": 8,
+    "loss_weights": {"age": 0.1, "age_distribution": 1.0, "gender": 2.0},
 }
-CONFIGS["robust"] = CONFIGS["recipe"] | {"augment": {"brightness": 0.3, "contrast": 0.3, "grayscale": 0.1}}
-# Short runs of both, to decide on the robust augmentation (on the validation split's subgroups) in less time.
-CONFIGS |= {f"{name}-6ep": CONFIGS[name] | {"epochs": 6, "patience": 6} for name in ("recipe", "robust")}
+SHORT = RECIPE | {"epochs": 6, "patience": 6}
+CONFIGS = {
+    "recipe": {"train": RECIPE},
+    "recipe-6ep": {"train": SHORT},
+    "robust-6ep": {"train": SHORT | {"augment": {"brightness": 0.3, "contrast": 0.3, "grayscale": 0.1}}},
+    "blazeface-6ep": {"train": SHORT, "preprocess": {"detector": "blazeface"}},
+    "blazeface-align-6ep": {"train": SHORT, "preprocess": {"detector": "blazeface", "align": True}},
+}
 GOALS = {  # issue 14, on the test split: (metric, "<=" or ">=", bound)
     "age_mae": ("<=", 5.2),
     "age_mae_18plus": ("<=", 6.0),
@@ -60,8 +67,9 @@ GOALS = {  # issue 14, on the test split: (metric, "<=" or ">=", bound)
 
 def params_for(config: str) -> Params:
     raw = load_params(ROOT / "params.yaml").model_dump(by_alias=True, mode="json")
-    overrides = CONFIGS[config]
-    raw["train"] = raw["train"] | overrides | {"augment": raw["train"]["augment"] | overrides.get("augment", {})}
+    train, preprocess = CONFIGS[config]["train"], CONFIGS[config].get("preprocess", {})
+    raw["train"] = raw["train"] | train | {"augment": raw["train"]["augment"] | train.get("augment", {})}
+    raw["preprocess"] |= preprocess
     return Params.model_validate(raw)
 
 
@@ -69,9 +77,14 @@ def prepare_store(store: Path, params: Params) -> dict:
     """Ingest both batches, validate and preprocess once; later configurations reuse it."""
     data, artifacts = store / "data", store / "artifacts"
     stats_file = artifacts / "prepare_stats.json"
+    cfg = params.preprocess
     if stats_file.exists():
+        stats = json.loads(stats_file.read_text())
+        prepared = (stats["preprocess"]["detector"], stats["preprocess"].get("align", False))
+        if prepared != (cfg.detector, cfg.align):
+            raise SystemExit(f"{store} was preprocessed with (detector, align) = {prepared}: use another --store")
         print(f"reusing the data and split in {store}")
-        return json.loads(stats_file.read_text())
+        return stats
     ingested = []
     for batch in BATCHES:
         print(f"ingesting {batch.name} into {data} ({'append' if ingested else 'new dataset'})")
@@ -86,7 +99,7 @@ def prepare_store(store: Path, params: Params) -> dict:
         artifacts / "validation/manifest.csv",
         data,
         artifacts / "prepared",
-        params.preprocess,
+        cfg,
         params.validate_.age_buckets,
     )
     seconds = time.perf_counter() - start
@@ -101,7 +114,8 @@ def prepare_store(store: Path, params: Params) -> dict:
             "rows": stats["rows"],
             "seconds": round(seconds, 1),
             "images_per_s": round(stats["rows"] / seconds, 1),
-            "detector": params.preprocess.detector,
+            "detector": cfg.detector,
+            "align": cfg.align,
             "detector_hit_rate": stats["detector_hit_rate"],
             "splits": {k: v["count"] for k, v in stats["splits"].items()},
         },
@@ -220,7 +234,7 @@ def run_config(store: Path, config: str, register: bool) -> dict:
         "model_file_mb": round((out / "model/model.keras").stat().st_size / 1e6, 2),
     }
     return {
-        "train_overrides": CONFIGS[config],
+        "overrides": CONFIGS[config],
         "train": {k: winner[k] for k in ("epochs_run", "best_epoch", "val_age_mae", "val_gender_accuracy")},
         "test": figures,
         "goals": {
@@ -238,24 +252,21 @@ def run_config(store: Path, config: str, register: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, required=True, help="project folder for the data, split and models")
-    parser.add_argument("--config", nargs="+", choices=sorted(CONFIGS), default=["recipe"])
+    parser.add_argument("--config", nargs="+", choices=list(CONFIGS), default=["recipe"])
     parser.add_argument("--register", action="store_true", help="register 'recipe' as DIR/mlflow.db's champion")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file the results are merged into")
     args = parser.parse_args()
     store = args.store.resolve()
     store.mkdir(parents=True, exist_ok=True)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    if "configs" not in results:  # the part-1-only result this replaces is in git history
-        results = {"configs": {}}
-    results["data"] = {
-        "batches": [f"shared/datasets/{b.name}" for b in BATCHES],
-        **prepare_store(store, params_for("recipe")),
-    }
     for config in args.config:
-        results["configs"][config] = run_config(store, config, register=args.register and config == "recipe")
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        shown = {k: v for k, v in results["configs"][config].items() if k != "training_curve_csv"}
-        print(json.dumps(shown, indent=2))
-    print(f"results: {RESULTS}")
+        data = {"batches": [f"shared/datasets/{b.name}" for b in BATCHES], **prepare_store(store, params_for(config))}
+        result = {"data": data, **run_config(store, config, register=args.register and config == "recipe")}
+        # Read again before writing: runs of other configurations may share the file.
+        results = json.loads(args.results.read_text()) if args.results.exists() else {"configs": {}}
+        results["configs"][config] = result
+        args.results.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k != "training_curve_csv"}, indent=2))
+    print(f"results: {args.results}")
 
 
 if __name__ == "__main__":
