@@ -131,19 +131,10 @@ def run_stage(root: Path, stage: str) -> bool:
 @task(name="end-abandoned-runs", **RETRIES)
 def end_abandoned_runs(root: Path, flow_run_id: str) -> list[str]:
     """End as KILLED the MLflow runs an earlier attempt of this flow run left RUNNING (its host died)."""
-    import mlflow
-
-    from agegender.tracking import configure_tracking
+    from agegender.tracking import configure_tracking, end_dead_runs
 
     configure_tracking(root, os.environ.get("MLFLOW_TRACKING_URI"))
-    found = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string=f"tags.{RUN_TAG} = '{flow_run_id}' and attributes.status = 'RUNNING'",
-        output_format="list",
-    )
-    for run in found:
-        mlflow.MlflowClient().set_terminated(run.info.run_id, status="KILLED")
-    ended = [run.info.run_id for run in found]
+    ended = end_dead_runs(f"tags.{RUN_TAG} = '{flow_run_id}'")
     get_run_logger().info("Attempt %d: ended %d MLflow run(s) of the crashed attempt: %s", flow_run.run_count,
                           len(ended), ", ".join(ended) or "none")  # fmt: skip
     return ended

@@ -9,6 +9,7 @@ pass its URI (the CLI reads MLFLOW_TRACKING_URI).
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Collection
 from pathlib import Path
 
 EXPERIMENT = "agegender"
@@ -61,3 +62,22 @@ def flatten(params: dict, prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = str(value)
     return flat
+
+
+def end_dead_runs(filter_string: str, *, alive: Collection[str] = ()) -> list[str]:
+    """End as KILLED the runs still RUNNING that match filter_string, except those in `alive`.
+
+    For runs whose process died (a crashed flow attempt's stages, a lost Dask worker's candidate):
+    MLflow cannot tell, and the UI would show them running forever. Returns the ended run ids.
+    """
+    import mlflow
+
+    found = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"{filter_string} and attributes.status = 'RUNNING'",
+        output_format="list",
+    )
+    ended = [run.info.run_id for run in found if run.info.run_id not in alive]
+    for run_id in ended:
+        mlflow.MlflowClient().set_terminated(run_id, status="KILLED")
+    return ended
