@@ -55,7 +55,7 @@ class Cluster:
     def start_worker(self, name: str) -> subprocess.Popen:
         # One thread per worker process, as README says: one detector, one candidate at a time.
         args = [BIN / "dask", "worker", self.scheduler, "--nthreads", "1", "--name", name, "--no-dashboard"]
-        return self.hosts[name].start(args, cwd=self.logs, env=dict(os.environ), log=self.logs / f"{name}.log")
+        return self.hosts[name].start(args, cwd=self.logs, env=dask_env(self.logs), log=self.logs / f"{name}.log")
 
     def client(self):
         from distributed import Client
@@ -67,6 +67,11 @@ class Cluster:
             client.wait_for_workers(count, timeout=120)
 
 
+def dask_env(folder: Path) -> dict:
+    """The environment of a Dask process: its scratch files in the test's folder (a killed process leaves them)."""
+    return {**os.environ, "DASK_TEMPORARY_DIRECTORY": str(folder)}
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     logs = tmp_path_factory.mktemp("cluster")
@@ -75,7 +80,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         scheduler = hosts["scheduler"].start(
             [BIN / "dask", "scheduler", "--host", hosts["scheduler"].address, "--port", DASK_PORT, "--no-dashboard"],
             cwd=logs,
-            env=dict(os.environ),
+            env=dask_env(logs),
             log=logs / "scheduler.log",
         )
         store = hosts["store"].start(

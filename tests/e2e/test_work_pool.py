@@ -47,7 +47,7 @@ from tests.conftest import (
     use_team_remote,
     wait_until,
 )
-from tests.e2e.test_scale_out_dask import DASK_PORT, Cluster, detector_use
+from tests.e2e.test_scale_out_dask import DASK_PORT, Cluster, dask_env, detector_use
 from tests.hosts import Host, network_hosts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -155,7 +155,7 @@ def start_dask(hosts: dict[str, Host], folder: Path) -> Cluster:
     cluster = Cluster({"scheduler": hosts["server"], "store": hosts["server"], "dask1": hosts["dask1"],
                        "dask2": hosts["dask2"]}, logs=folder)  # fmt: skip
     args = [BIN / "dask", "scheduler", "--host", hosts["server"].address, "--port", DASK_PORT, "--no-dashboard"]
-    hosts["server"].start(args, cwd=folder, env=dict(os.environ), log=folder / "dask-scheduler.log")
+    hosts["server"].start(args, cwd=folder, env=dask_env(folder), log=folder / "dask-scheduler.log")
     cluster.start_worker("dask1"), cluster.start_worker("dask2")
     cluster.wait_for_workers(2)
     return cluster
