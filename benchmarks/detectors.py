@@ -75,9 +75,18 @@ def configs() -> dict[str, object]:
     out["mtcnn default"] = MtcnnDetector
     # BlazeFace: short range (128 px input) and full range (192 px); the grey border gives faces
     # that fill the frame (chips) the room the models were trained with.
+    # A single look ("refine=0 tile=0"); a second look at each face found (refine: the side of
+    # that look's square, times the first box's side); tiles for small faces in large images.
     for model, pads in (("short", (0.0, 0.1, 0.25, 0.5)), ("full", (0.0, 0.25, 0.5))):
         for pad in pads:
-            out[f"blazeface {model} pad={pad}"] = lambda model=model, pad=pad: BlazeFaceDetector(model=model, pad=pad)
+            out[f"blazeface {model} pad={pad} refine=0 tile=0"] = lambda model=model, pad=pad: BlazeFaceDetector(
+                model=model, pad=pad, refine=0.0, tile=0
+            )
+    for refine in (1.5, 2.0, 2.5):
+        out[f"blazeface short pad=0.0 refine={refine} tile=0"] = lambda refine=refine: BlazeFaceDetector(
+            refine=refine, tile=0
+        )
+    out["blazeface short pad=0.0 refine=1.5 tile=256"] = lambda: BlazeFaceDetector(refine=1.5, tile=256)
     out["blazeface default"] = BlazeFaceDetector
     return out
 
@@ -260,8 +269,8 @@ TIMED = (
     "haar default",
     "mtcnn pad=0 min_face=20",
     "mtcnn default",
-    "blazeface short pad=0.0",
-    "blazeface full pad=0.25",
+    "blazeface short pad=0.0 refine=0 tile=0",
+    "blazeface full pad=0.25 refine=0 tile=0",
     "blazeface default",
 )
 

@@ -74,6 +74,7 @@ class SplitFractions(Section):
 class PreprocessParams(Section):
     detector: Literal["haar", "mtcnn", "blazeface"] = "mtcnn"
     margin: float = Field(0.0, ge=0.0, le=2.0)
+    align: bool = False
     image_size: int = Field(64, ge=32, le=512)
     split: SplitFractions = SplitFractions()
     seed: int = 42
@@ -362,6 +363,7 @@ class ModelSpec(Section):
 
     image_size: int
     margin: float
+    align: bool = False  # crops turned so the eyes are level (specs saved before it: False)
     detector: str
     backbone: str
     age_head: str

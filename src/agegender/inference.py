@@ -120,7 +120,10 @@ class Predictor:
     def predict_chips(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Predictions for face chips, cropped exactly as preprocessing cropped the training data."""
         spec = self.spec
-        crops = [crop_chip(self.detector, image, margin=spec.margin, size=spec.image_size)[0] for image in images]
+        crops = [
+            crop_chip(self.detector, image, margin=spec.margin, size=spec.image_size, align=spec.align)[0]
+            for image in images
+        ]
         return self.predict_crops(np.stack(crops))
 
     def detect_all(self, images: list[np.ndarray]) -> list[list]:
@@ -137,7 +140,7 @@ class Predictor:
         images = [to_bgr(image) for image in images]
         boxes = self.detect_all(images)
         crops = [
-            crop_face(image, box, margin=self.spec.margin, size=self.spec.image_size)
+            crop_face(image, box, margin=self.spec.margin, size=self.spec.image_size, align=self.spec.align)
             for image, found in zip(images, boxes, strict=True)
             for box in found
         ]

@@ -119,7 +119,7 @@ def crop_image(detector: Detector, name: str, data: bytes, params: PreprocessPar
         image = decode_image(data, FILE_LIMITS)
     except ImageError as err:
         raise ValueError(f"{name}: {err} (was validation skipped?)") from None
-    return crop_chip(detector, image, margin=params.margin, size=params.image_size)
+    return crop_chip(detector, image, margin=params.margin, size=params.image_size, align=params.align)
 
 
 def split_stratified(rows: pd.DataFrame, params: PreprocessParams, age_buckets: list[int]) -> np.ndarray:

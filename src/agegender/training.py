@@ -327,6 +327,7 @@ def train_one(
     spec = ModelSpec(
         image_size=params.preprocess.image_size,
         margin=params.preprocess.margin,
+        align=params.preprocess.align,
         detector=params.preprocess.detector,
         backbone=cfg.backbone,
         age_head=cfg.age_head,

@@ -49,6 +49,30 @@ def test_finds_each_face_pasted_into_a_scene(detector: BlazeFaceDetector, chips:
         assert len(inside) == 1 and inside[0].w >= 0.5 * w
 
 
+def test_finds_small_faces_in_a_photo_through_tiles(detector: BlazeFaceDetector, chips: list[np.ndarray]) -> None:
+    """80 px faces on 640x480: a few pixels in one 128 px look at the whole photo; the tiles find them."""
+    photo = np.clip(np.random.default_rng(2).normal(110, 25, (480, 640, 3)), 0, 255).astype(np.uint8)
+    pasted = [(40, 60), (300, 330), (520, 200)]
+    for chip, (x, y) in zip(chips[3:6], pasted, strict=True):
+        photo[y : y + 80, x : x + 80] = cv2.resize(chip, (80, 80), interpolation=cv2.INTER_AREA)
+    boxes = detector.detect(photo)
+    for x, y in pasted:
+        assert any(x <= b.x + b.w / 2 <= x + 80 and y <= b.y + b.h / 2 <= y + 80 for b in boxes), (x, y, boxes)
+
+
+def test_a_chip_and_the_same_face_in_a_scene_crop_alike(detector: BlazeFaceDetector, chips: list[np.ndarray]) -> None:
+    """Training crops chips, serving crops faces in photos: the second look boxes both alike."""
+    for chip in chips[:6]:
+        scene = np.full((240, 600, 3), 90, np.uint8)
+        scene[40:200, 220:380] = cv2.resize(chip, (160, 160), interpolation=cv2.INTER_AREA)
+        on_chip, in_scene = detector.detect(chip)[0], detector.detect(scene)[0]
+        k = 160 / 200  # chip pixels -> scene pixels
+        cx, cy = on_chip.x + on_chip.w / 2, on_chip.y + on_chip.h / 2
+        assert abs(220 + cx * k - (in_scene.x + in_scene.w / 2)) < 8
+        assert abs(40 + cy * k - (in_scene.y + in_scene.h / 2)) < 8
+        assert abs(on_chip.w * k / in_scene.w - 1) < 0.12
+
+
 def test_large_blank_and_tiny_images(detector: BlazeFaceDetector, chips: list[np.ndarray]) -> None:
     canvas = np.full((3000, 4000, 3), 127, np.uint8)
     assert detector.detect(canvas) == []
