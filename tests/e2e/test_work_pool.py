@@ -184,6 +184,12 @@ def runs_of(pool: Pool, flow_run_id) -> list:
     )
 
 
+def children_of(pool: Pool, parent_run_id: str) -> list:
+    """The MLflow child runs of a stage's parent run: the candidates (tracked from the Dask workers)."""
+    experiment_id = mlflow_client(pool).get_run(parent_run_id).info.experiment_id
+    return mlflow_client(pool).search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
 def flow_run(flow_run_id):
     from prefect.client.orchestration import get_client
 
@@ -306,9 +312,7 @@ def test_the_scheduled_retraining_fires_on_the_server_and_trains_on_a_worker_hos
     (parent,) = [r for r in runs_of(pool, done.id) if r.data.tags.get("role") == "parent"]
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["git_commit"] == pool.deployed  # the worker's clone was at the deployed commit
-    children = mlflow_client(pool).search_runs(
-        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
-    )
+    children = children_of(pool, parent.info.run_id)
     assert {r.info.status for r in children} == {"FINISHED"} and len(children) == 2
     assert sorted(pool.host_of(r.data.tags["dask_worker"]) for r in children) == ["dask1", "dask2"]
     assert assert_registry_consistent(pool) == {"champion": "1", "challenger": "1"}
@@ -353,9 +357,14 @@ def test_a_worker_host_killed_mid_stage_crashes_the_run_and_the_other_host_compl
     runs = {r.info.run_id: r.info.status for r in runs_of(pool, flow_run_id)}
     assert {runs[i] for i in abandoned} == {"KILLED"}, runs
     assert {s for i, s in runs.items() if i not in abandoned} == {"FINISHED"}, runs
+    # Candidates the killed attempt had sent to the Dask workers trained on there (Dask cannot stop a running
+    # task), ahead of the retry's work on those one-thread workers: none is left looking alive.
+    orphans = {r.info.run_id: r.info.status for i in abandoned for r in children_of(pool, i)}
+    print(f"the killed attempt's candidates on Dask: {orphans}")
+    assert "RUNNING" not in orphans.values(), orphans
     aliases = assert_registry_consistent(pool)
     champion = mlflow_client(pool).get_model_version("agegender", aliases["champion"])
-    assert champion.run_id not in abandoned
+    assert champion.run_id not in abandoned | set(orphans), "the champion is the retry's"
     pool.start_worker(victim)  # the host is back
 
 
