@@ -72,7 +72,7 @@ class SplitFractions(Section):
 
 
 class PreprocessParams(Section):
-    detector: Literal["haar", "mtcnn", "blazeface"] = "mtcnn"
+    detector: Literal["haar", "mtcnn", "blazeface"] = "blazeface"
     margin: float = Field(0.0, ge=0.0, le=2.0)
     align: bool = False
     image_size: int = Field(64, ge=32, le=512)

