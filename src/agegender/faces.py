@@ -493,10 +493,9 @@ class BlazeFaceDetector:
                 for x in range(0, max(work.shape[1] - side, 0) + 1, side // 2):
                     found += [_moved(f, 1.0, x, y) for f in self._look(work[y : y + side, x : x + side], 0.0)]
             found = self._merge(found)  # a face seen whole and in tiles is one face
-        found = [_moved(f, 1.0 / scale, 0, 0) for f in found]
-        if self.refine > 0:
-            found = [self._look_again(img, face) for face in found]
-        return _boxes(found, 1.0, 0, img.shape)
+        if self.refine > 0:  # on the downscaled copy too: the second look's input is 128 px anyway
+            found = [self._look_again(work, face) for face in found]
+        return _boxes([_moved(f, 1.0 / scale, 0, 0) for f in found], 1.0, 0, img.shape)
 
     def _merge(self, found: list[tuple]) -> list[tuple]:
         if not found:
