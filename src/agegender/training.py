@@ -30,7 +30,7 @@ from agegender.labels import ADULT_AGE, GENDER_THRESHOLD
 from agegender.model import age_logits_loss, build_model, training_view
 from agegender.monitoring import reference_table
 from agegender.preprocess import load_split
-from agegender.tracking import configure_tracking, flatten, git_commit
+from agegender.tracking import configure_tracking, end_dead_runs, flatten, git_commit
 
 
 class TrainingError(RuntimeError):
@@ -261,6 +261,10 @@ def train_on_dask(
                 (folder / relative).parent.mkdir(parents=True, exist_ok=True)
                 (folder / relative).write_bytes(content)
             results[name] = CandidateRun(name=name, run_id=run_id, metrics=metrics, folder=folder)
+    # A candidate whose worker died was run again elsewhere; the lost attempt's child run is still RUNNING.
+    lost = end_dead_runs(f"tags.`mlflow.parentRunId` = '{parent_run_id}'", alive={r.run_id for r in results.values()})
+    if lost:
+        print(f"ended the child runs of candidates lost with their Dask worker as KILLED: {', '.join(lost)}")
     return [results[candidate.name] for candidate in params.candidates]
 
 
