@@ -47,10 +47,14 @@ RECIPE = {
     "loss_weights": {"age": 0.1, "age_distribution": 1.0, "gender": 2.0},
 }
 SHORT = RECIPE | {"epochs": 6, "patience": 6}
+MTCNN = {"detector": "mtcnn"}  # the detector the recipe was measured with (the default before BlazeFace)
 CONFIGS = {
-    "recipe": {"train": RECIPE},
-    "recipe-6ep": {"train": SHORT},
-    "robust-6ep": {"train": SHORT | {"augment": {"brightness": 0.3, "contrast": 0.3, "grayscale": 0.1}}},
+    "recipe": {"train": RECIPE, "preprocess": MTCNN},
+    "recipe-6ep": {"train": SHORT, "preprocess": MTCNN},
+    "robust-6ep": {
+        "train": SHORT | {"augment": {"brightness": 0.3, "contrast": 0.3, "grayscale": 0.1}},
+        "preprocess": MTCNN,
+    },
     "blazeface-6ep": {"train": SHORT, "preprocess": {"detector": "blazeface"}},
     "blazeface-align-6ep": {"train": SHORT, "preprocess": {"detector": "blazeface", "align": True}},
 }
