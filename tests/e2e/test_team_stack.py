@@ -458,7 +458,9 @@ def test_the_mlflow_server_down_during_register_leaves_no_half_registered_versio
         restart_stack(stack)
     assert failed.returncode == 1, failed.stderr
     said = " ".join(failed.stderr.split())  # unwrapped
-    assert f"error: registering in the MLflow registry at {mlflow_url} failed; run `agegender register` again" in said, said
+    assert (
+        f"error: registering in the MLflow registry at {mlflow_url} failed; run `agegender register` again" in said
+    ), said
     assert f"API request to {mlflow_url}/" in said and "Connection refused" in said and "Traceback" not in said
     assert registry_state(stack) == before
 
