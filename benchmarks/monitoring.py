@@ -2,7 +2,7 @@
 
 Needs a folder with a registered champion trained since drift references exist (its run has
 outputs/reference.csv) and the data it was trained on: a project after `dvc repro`, or
-`benchmarks/train_quality.py --keep DIR`.
+`benchmarks/train_quality.py --store DIR --register`.
 Run: .venv/bin/python benchmarks/monitoring.py --store DIR [--seconds 15] [--rounds 6] [--records 100000]
 
   * two `bentoml serve`, monitor.enabled false and true, both up and asked in turns (off, on,

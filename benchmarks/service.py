@@ -1,6 +1,6 @@
 """`bentoml serve` under load, and the full detect -> crop -> predict path on real faces.
 
-Needs a registered real-data champion: run `benchmarks/train_quality.py --keep DIR` first.
+Needs a registered real-data champion: run `benchmarks/train_quality.py --store DIR --register` first.
 Run: .venv/bin/python benchmarks/service.py --store DIR [--seconds 20] [--scenes 60]
 
 Scenes: test-split UTKFace chips of that model, three per image, pasted at known positions
@@ -237,7 +237,9 @@ def in_process_ms(predictor, scene: dict, repeats: int = 40) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", type=Path, required=True, help="folder made by train_quality.py --keep")
+    parser.add_argument(
+        "--store", type=Path, required=True, help="folder made by train_quality.py --store DIR --register"
+    )
     parser.add_argument("--seconds", type=float, default=20.0, help="load time per concurrency level")
     parser.add_argument("--scenes", type=int, default=60)
     args = parser.parse_args()
@@ -260,7 +262,7 @@ def main() -> None:
     batched = serve_and_load(store, scenes, 32, args.seconds, work)
     single = serve_and_load(store, scenes, 1, args.seconds, work)
     result = {
-        "model": f"models:/agegender@champion in {store.name} (benchmarks/train_quality.py --keep)",
+        "model": f"models:/agegender@champion in {store.name} (benchmarks/train_quality.py --store --register)",
         "scene": "3 test-split chips at 160 px on a 600x240 background, JPEG",
         "seconds_per_level": args.seconds,
         "in_process_p50_ms": local_ms,

@@ -1,7 +1,7 @@
 """Soak: `bentoml serve` under mixed valid and hostile traffic for minutes; 5xx, latency, memory growth.
 
 Needs a registered champion: --store DIR, a folder with mlflow.db (benchmarks/train_quality.py
---keep DIR, or a project repository after `dvc repro`). Served with the project's params.yaml.
+--store DIR --register, or a project repository after `dvc repro`). Served with the project's params.yaml.
 Run: .venv/bin/python benchmarks/soak.py --store DIR [--minutes 10] [--clients 32]
 
 Each client cycles through the same mix: valid scenes (three UTKFace chips on a background) to
