@@ -11,7 +11,7 @@ import pytest
 
 from agegender.config import ConfigError, StackParams, StackPorts, load_params
 from agegender.stack import StackError, _alive, check_ports, client_env, ensure_secrets, read_secrets
-from tests.conftest import free_port, free_port_block
+from tests.conftest import stack_ports
 
 
 def test_secrets_are_generated_once_and_readable_only_by_their_owner(tmp_path: Path):
@@ -48,14 +48,7 @@ def test_env_before_the_stack_was_ever_up_says_how_to_start_it(tmp_path: Path):
     ],
 )
 def test_a_taken_port_is_named_with_its_setting(service: str, key: str, offset: int):
-    seaweed = free_port_block(7)
-    ports = {
-        "postgres": free_port(),
-        "s3": free_port(),
-        "mlflow": free_port(),
-        "prefect": free_port(),
-        "seaweed": seaweed,
-    }
+    ports = stack_ports()  # one block: a free port drawn alone could fall among SeaweedFS's seven
     taken = ports[key] + offset
     cfg = StackParams(ports=StackPorts(**ports))
     with socket.socket() as holder:
