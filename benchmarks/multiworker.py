@@ -30,6 +30,8 @@ sys.path.insert(0, str(ROOT))
 from tests.conftest import BIN, copy_repo, make_project_repo, run, set_params  # noqa: E402
 from tests.hosts import network_hosts  # noqa: E402
 
+from agegender.distributed import tf_config  # noqa: E402
+
 DATASETS = [ROOT.parent / "shared" / "datasets" / name for name in ("utkface-part1", "utkface-parts23")]
 QUICK = {"images": 400, "image_size": 32, "width": 8, "epochs": 3, "batch_size": 32}
 FULL = {"images": 3000, "image_size": 48, "width": 16, "epochs": 4, "batch_size": 64}
@@ -75,12 +77,11 @@ def train_two_hosts(chief: Path, worker: Path, logs: Path) -> None:
         workers = [f"{hosts[name].address}:{PORT}" for name in ("chief", "worker")]
         processes = []
         for index, (name, repo) in enumerate((("chief", chief), ("worker", worker))):
-            config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
             processes.append(
                 hosts[name].start(
                     ["taskset", "-c", str(index), BIN / "agegender", "train"],
                     cwd=repo,
-                    env={**os.environ, "TF_CONFIG": json.dumps(config)},
+                    env={**os.environ, "TF_CONFIG": tf_config(workers, index)},
                     log=logs / f"{name}.log",
                 )
             )

@@ -489,6 +489,34 @@ def flow_deploy_command(params_file: Path = PARAMS) -> None:
     )
 
 
+@flow_app.command("multiworker")
+def flow_multiworker_command(
+    workers: list[str] = typer.Argument(..., help="host:port of every worker, the chief first (TF_CONFIG order)."),
+) -> None:
+    """Train one model across hosts: a train-multiworker run per host, each with its TF_CONFIG."""
+    from prefect.exceptions import ObjectNotFound
+
+    from agegender.deployments import MULTIWORKER, start_multiworker_runs, work_queue_of
+    from agegender.flow import FLOW_NAME
+
+    require_prefect_api()
+    try:
+        runs = start_multiworker_runs(workers)
+    except ValueError as err:  # a malformed address
+        raise fail(str(err)) from None
+    except ObjectNotFound:
+        raise fail(
+            f"no deployment '{FLOW_NAME}/{MULTIWORKER}' on the Prefect server: `agegender flow deploy` first"
+        ) from None
+    for index, (worker, run) in enumerate(zip(workers, runs, strict=True)):
+        role = "chief: evaluates and registers" if index == 0 else "trains with the chief"
+        console.print(f"{run.name} ({run.id}) on work queue {work_queue_of(worker)!r}, {role}", markup=False)
+    console.print(
+        f"Started {len(runs)} runs of '{FLOW_NAME}/{MULTIWORKER}'. Each host's worker takes its own: "
+        "prefect worker start --pool agegender --work-queue default --work-queue HOST"
+    )
+
+
 @monitor_app.command("drift")
 def monitor_drift_command(
     hours: float | None = typer.Option(None, "--hours", help="Window length [default: monitor.drift.window_hours]."),

@@ -1,6 +1,7 @@
 """Where the training flow runs on a schedule: `agegender flow serve` (this process serves it) or
 `agegender flow deploy` (prefect.yaml's deployments on a work pool, run by `prefect worker start` on
-any host, with automations that retry a run whose worker host died).
+any host, with automations that retry a run whose worker host died), and `agegender flow multiworker`
+(one run of the `train-multiworker` deployment per host of a tf.distribute cluster).
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ from pathlib import Path
 import yaml
 
 from agegender.config import MonitorParams, ScheduleParams
+from agegender.distributed import cluster_from_tf_config, tf_config
 from agegender.flow import DEPLOYMENT, FLOW_NAME, run_logged, training_flow
+
+# Its runs are pinned to hosts (each TF_CONFIG names its own address): a crashed one is not put back
+# for any worker, so it has no crash automations; the README says to start the run again.
+MULTIWORKER = "train-multiworker"
 
 
 def serve_deployment(root: Path, *, name: str, cron: str, timezone: str, monitor: MonitorParams) -> None:
@@ -61,7 +67,7 @@ def deploy_to_work_pool(root: Path, schedule: ScheduleParams, log: Callable[[str
             command += ["--cron", schedule.cron, "--timezone", schedule.timezone]
         run_logged(command, cwd=root, seconds=600, log=log, env={"PREFECT_CLI_PROMPT": "false"})
     with get_client(sync_client=True) as client:
-        ids = [str(client.read_deployment_by_name(f"{FLOW_NAME}/{name}").id) for name in names]
+        ids = [str(client.read_deployment_by_name(f"{FLOW_NAME}/{name}").id) for name in names if name != MULTIWORKER]
     create_crash_automations(ids, schedule)
     return [f"{FLOW_NAME}/{name}" for name in names]
 
@@ -133,3 +139,27 @@ def create_crash_automations(deployment_ids: list[str], schedule: ScheduleParams
             for old in client.read_automations_by_name(automation.name):
                 client.delete_automation(old.id)
             automation.create()
+
+
+def start_multiworker_runs(workers: list[str]) -> list:
+    """One flow run of the `train-multiworker` deployment per worker of a tf.distribute cluster (host:port
+    each, the chief first), with its TF_CONFIG as a job variable, on the work queue named after its host:
+    the worker on that host listens there (`prefect worker start --pool agegender --work-queue HOST`)."""
+    from prefect.deployments import run_deployment
+
+    cluster_from_tf_config(tf_config(workers, 0))  # a malformed address is a ValueError naming it
+    return [
+        run_deployment(
+            f"{FLOW_NAME}/{MULTIWORKER}",
+            job_variables={"env": {"TF_CONFIG": tf_config(workers, index)}},
+            work_queue_name=work_queue_of(worker),
+            flow_run_name=f"{MULTIWORKER}-worker{index}-of-{len(workers)}",
+            timeout=0,  # started, not awaited: the runs train together on their hosts
+        )
+        for index, worker in enumerate(workers)
+    ]
+
+
+def work_queue_of(worker: str) -> str:
+    """The work queue of a TF_CONFIG worker address: its host (10.0.0.12:12345 -> 10.0.0.12)."""
+    return worker.rsplit(":", 1)[0]

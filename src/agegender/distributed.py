@@ -33,6 +33,11 @@ class Cluster:
         return len(self.workers)
 
 
+def tf_config(workers: list[str], index: int) -> str:
+    """The TF_CONFIG of worker `index` in a cluster of these workers (host:port each, the chief first)."""
+    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+
+
 def cluster_from_tf_config(text: str | None) -> Cluster | None:
     """The cluster TF_CONFIG describes; None without TF_CONFIG. A malformed one is a ValueError naming the problem."""
     if not text:

@@ -9,10 +9,13 @@ stage's processes, the stages' output in the run logs, and report artifacts.
     agegender flow run      # once (what `make run` runs)
     agegender flow serve    # the `retrain` deployment on params.yaml's schedule (and the drift check's)
     agegender flow deploy   # prefect.yaml's deployments on the work pool; `prefect worker start` runs them
+    agegender flow multiworker HOST:PORT HOST:PORT   # one model trained across hosts (tf.distribute)
 
-(serve and deploy: agegender.deployments). On a work pool a run whose worker host dies is marked
-Crashed when its heartbeats stop and put back for another worker; the MLflow runs its stages had
-open are then ended as KILLED, so none is left looking alive.
+(serve, deploy and multiworker: agegender.deployments). On a work pool a run whose worker host dies
+is marked Crashed when its heartbeats stop and put back for another worker; the MLflow runs its
+stages had open are then ended as KILLED, so none is left looking alive. With TF_CONFIG in its
+environment (a multi-worker run's job variable) the chief runs the whole flow and trains with the
+other workers; every other worker prepares the same data and only trains with it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from prefect.states import Completed
 
 from agegender import paths, pipeline
 from agegender.config import load_params
+from agegender.distributed import Cluster, cluster_from_tf_config
 
 FLOW_NAME = "agegender-training"
 DEPLOYMENT = "retrain"
@@ -145,6 +149,31 @@ def stage_task(stage: str):
     return task(run_stage).with_options(name=f"stage-{stage}", **retries)
 
 
+@task(name="train-with-the-chief")
+def train_with_chief(root: Path, cluster: Cluster) -> None:
+    """`agegender train` as a non-chief worker: it trains in step with the chief and writes nothing,
+    so it runs outside `dvc repro` (which would miss the stage's outputs)."""
+    logger = get_run_logger()
+    logger.info(
+        "$ agegender train   (worker %d of %d; the chief is %s)", cluster.index, cluster.size, cluster.workers[0]
+    )
+    command = [str(Path(sys.executable).parent / "agegender"), "train"]
+    run_logged(command, cwd=root, seconds=STAGE_SECONDS["train"], log=logger.info)
+
+
+def run_as_worker(root: Path, cluster: Cluster) -> Completed:
+    """A non-chief worker's share of a multi-worker run: the data and stages up to train, then train."""
+    fetch_data(root)
+    stages = pipeline.pipeline_stages(root)
+    for stage in stages[: stages.index("train")]:
+        stage_task(stage)(root, stage)
+    train_with_chief(root, cluster)
+    message = (
+        f"trained as worker {cluster.index} of {cluster.size}; the chief {cluster.workers[0]} evaluates and registers"
+    )
+    return Completed(message=message)
+
+
 @task(name="report")
 def publish_report(root: Path, report: pipeline.RunReport) -> None:
     import mlflow
@@ -166,6 +195,9 @@ def publish_report(root: Path, report: pipeline.RunReport) -> None:
 def training_flow(project_root: str = ".", force: bool = False):
     """With force=False (the schedule's setting) a run on the champion's data version is "Skipped"."""
     root = Path(project_root).expanduser().resolve()
+    cluster = cluster_from_tf_config(os.environ.get("TF_CONFIG"))
+    if cluster is not None and not cluster.is_chief:
+        return run_as_worker(root, cluster)
     if flow_run.run_count > 1:  # rescheduled after a crash (deploy's automations) or retried
         end_abandoned_runs(root, str(flow_run.id))
     fetched = fetch_data(root)

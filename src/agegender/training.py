@@ -92,6 +92,11 @@ def run_train_stage(
     """
     from agegender.data.versioning import data_version
 
+    if cluster is not None and params.scale.dask_scheduler is not None:
+        raise TrainingError(
+            f"TF_CONFIG names a multi-worker cluster and scale.dask_scheduler is {params.scale.dask_scheduler}: "
+            "candidates train either across the TF_CONFIG hosts or on the Dask workers; unset one of them"
+        )
     if cluster is not None and not cluster.is_chief:
         return train_as_worker(root / paths.PREPARED, params, cluster)
     uri = configure_tracking(root, tracking_uri)

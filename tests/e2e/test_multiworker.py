@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from agegender.distributed import tf_config
 from tests.conftest import BIN, copy_repo, run, set_params, tail
 from tests.hosts import network_hosts
 
@@ -35,10 +36,6 @@ def files_of(repo: Path) -> dict[str, float]:
             path = Path(folder) / name
             found[str(path.relative_to(repo))] = path.lstat().st_mtime
     return found
-
-
-def tf_config(workers: list[str], index: int) -> str:
-    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
 
 
 def val_age_mae(repo: Path) -> float:

@@ -15,7 +15,8 @@ shards on both Dask workers, trains the two candidates side by side on them, and
 champion on the server's MLflow. Faults: a worker host killed mid-stage in a `train` run started by
 hand (the run is marked Crashed for missing heartbeats and completed on the other host, the killed
 attempt's MLflow runs ended as KILLED), and the Prefect server restarted while a worker waits. The
-Dask workers have hosts of their own, so a killed worker host takes no Dask worker with it.
+Dask workers have hosts of their own, so a killed worker host takes no Dask worker with it. Last, a
+model trains across both worker hosts (tf.distribute) from the `train-multiworker` deployment.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Pool:
         home.mkdir(exist_ok=True)
         env = {**self.stack.env, "PREFECT_HOME": str(home / "prefect-home"), "PREFECT_WORKER_QUERY_SECONDS": "2"}
         args = [BIN / "prefect", "worker", "start", "--pool", "agegender", "--name", name, "--type", "process"]
+        args += ["--work-queue", "default", "--work-queue", self.hosts[name].address]  # its multi-worker runs
         self.workers[name] = self.hosts[name].start(args, cwd=home, env=env, log=self.log(name))
 
     def log(self, worker: str) -> Path:
@@ -383,3 +385,39 @@ def test_a_waiting_worker_reconnects_after_the_prefect_server_restarts(pool: Poo
     assert done.state.name == "Skipped", done.state.message
     assert len(pool.ran_on(done.id)) == 1
     assert all(worker.poll() is None for worker in pool.workers.values()), "no worker exited"
+
+
+@pytest.mark.timeout(1200)
+def test_one_model_trains_across_both_worker_hosts_from_the_multiworker_deployment(pool: Pool):
+    """`agegender flow multiworker`: a run per worker host, each with its TF_CONFIG; the chief registers."""
+    import re
+
+    from tests.e2e.test_multiworker import PORT
+
+    # Candidates train across the TF_CONFIG hosts or on Dask, not both: the team deploys a commit without Dask.
+    set_params(pool.repo, {"scale": {"dask_scheduler": None}, "candidates": [{"name": "default", "train": {}}]})
+    run("git", "commit", "-qam", "one candidate, no Dask: for multi-worker training", cwd=pool.repo)
+    deployed = run("git", "rev-parse", "HEAD", cwd=pool.repo).stdout.strip()
+    deploy = run("agegender", "flow", "deploy", cwd=pool.repo, env=pool.stack.env)
+    assert "agegender-training/train-multiworker" in deploy.stderr, deploy.stderr
+    versions = len(mlflow_client(pool).search_model_versions("name = 'agegender'"))
+
+    workers = [f"{pool.hosts[name].address}:{PORT}" for name in ("worker1", "worker2")]
+    started = run("agegender", "flow", "multiworker", *workers, cwd=pool.repo, env=pool.stack.env)
+    chief_id, member_id = re.findall(r"\(([0-9a-f-]{36})\) on work queue", started.stderr)
+    with api(pool):
+        chief, member = wait_final(pool, chief_id), wait_final(pool, member_id)
+    assert chief.state.is_completed() and chief.state.message.startswith("trained"), chief.state.message
+    assert member.state.is_completed(), member.state.message
+    assert member.state.message.startswith(f"trained as worker 1 of 2; the chief {workers[0]}"), member.state.message
+    assert (pool.ran_on(chief.id), pool.ran_on(member.id)) == (["worker1"], ["worker2"]), "each on its own host"
+    with api(pool):
+        assert run_logs(pool, member.id, "as worker 1 of 2"), "the member's `agegender train` joined the cluster"
+    # The chief alone tracked the training in MLflow: one parent run, its candidate trained by two workers.
+    (parent,) = [r for r in runs_of(pool, chief.id) if r.data.tags.get("role") == "parent"]
+    assert parent.data.tags["git_commit"] == deployed
+    (child,) = children_of(pool, parent.info.run_id)
+    assert child.data.params["distribute.workers"] == "2"
+    assert not runs_of(pool, member.id), "a non-chief worker tracks nothing"
+    assert len(mlflow_client(pool).search_model_versions("name = 'agegender'")) == versions + 1
+    assert_registry_consistent(pool)
