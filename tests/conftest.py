@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import shlex
@@ -34,9 +35,10 @@ os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@example.invalid")
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
 
 
-# Modules sharing an expensive session fixture run in one test process (pytest-xdist's loadgroup),
-# so it is built once; every module stays whole in one process, so its module fixtures are built once.
-SHARED_FIXTURE_GROUPS = ("trained_template", "team_stack")
+# Modules sharing the team stack run in one test process (pytest-xdist's loadgroup), so its servers
+# start once; every module stays whole in one process, so its module fixtures are built once. The
+# trained template needs no group: the test processes share one copy on disk (trained_template).
+SHARED_FIXTURE_GROUPS = ("team_stack",)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
@@ -324,14 +326,24 @@ TEMPLATE_CHIPS = 400
 def trained_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository with TEMPLATE_CHIPS real chips ingested and `dvc repro train` done (two candidates), once per session.
 
-    Tests take copies (`copy_repo`); its MLflow runs keep their artifacts in this folder.
+    The first test process to need it builds it under a lock; the others (pytest-xdist's) wait and
+    share it. Tests take copies (`copy_repo`); its MLflow runs keep their artifacts in this folder.
     """
-    base = tmp_path_factory.mktemp("trained")
-    repo = make_project_repo(base)
-    set_params(repo, {**TINY, "candidates": TWO_CANDIDATES})
-    run("agegender", "data", "ingest", str(copy_utk_subset(base / "utk", count=TEMPLATE_CHIPS)), cwd=repo)
-    run("dvc", "repro", "train", cwd=repo)
-    return repo
+    session = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each process has its own basetemp inside the session's
+        session = session.parent
+    base = session / "trained-template"
+    with open(session / "trained-template.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when a build fails
+        if not (base / "built").exists():
+            shutil.rmtree(base, ignore_errors=True)  # what a failed build left
+            base.mkdir()
+            repo = make_project_repo(base)
+            set_params(repo, {**TINY, "candidates": TWO_CANDIDATES})
+            run("agegender", "data", "ingest", str(copy_utk_subset(base / "utk", count=TEMPLATE_CHIPS)), cwd=repo)
+            run("dvc", "repro", "train", cwd=repo)
+            (base / "built").touch()
+    return base / "repo"
 
 
 def copy_repo(repo: Path, dest: Path) -> Path:
