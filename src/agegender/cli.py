@@ -502,7 +502,7 @@ def flow_multiworker_command(
     require_prefect_api()
     try:
         runs = start_multiworker_runs(workers)
-    except ValueError as err:  # a malformed address
+    except ValueError as err:  # a malformed address, or a host without its work queue
         raise fail(str(err)) from None
     except ObjectNotFound:
         raise fail(

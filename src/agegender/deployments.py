@@ -144,10 +144,22 @@ def create_crash_automations(deployment_ids: list[str], schedule: ScheduleParams
 def start_multiworker_runs(workers: list[str]) -> list:
     """One flow run of the `train-multiworker` deployment per worker of a tf.distribute cluster (host:port
     each, the chief first), with its TF_CONFIG as a job variable, on the work queue named after its host:
-    the worker on that host listens there (`prefect worker start --pool agegender --work-queue HOST`)."""
+    the worker on that host listens there (`prefect worker start --pool agegender --work-queue HOST`).
+    A missing queue is a ValueError: a worker polling a queue that does not exist takes no run at all."""
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
     cluster_from_tf_config(tf_config(workers, 0))  # a malformed address is a ValueError naming it
+    with get_client(sync_client=True) as client:
+        pool = client.read_deployment_by_name(f"{FLOW_NAME}/{MULTIWORKER}").work_pool_name
+        queues = {queue.name for queue in client.read_work_queues(work_pool_name=pool)}
+    missing = [work_queue_of(worker) for worker in workers if work_queue_of(worker) not in queues]
+    if missing:
+        raise ValueError(
+            f"the work pool {pool!r} has no work queue {', '.join(missing)}: on each of those hosts, "
+            f"`prefect work-queue create HOST --pool {pool}` before `prefect worker start --pool {pool} "
+            "--work-queue default --work-queue HOST`"
+        )
     return [
         run_deployment(
             f"{FLOW_NAME}/{MULTIWORKER}",

@@ -74,7 +74,9 @@ class Pool:
         home.mkdir(exist_ok=True)
         env = {**self.stack.env, "PREFECT_HOME": str(home / "prefect-home"), "PREFECT_WORKER_QUERY_SECONDS": "2"}
         args = [BIN / "prefect", "worker", "start", "--pool", "agegender", "--name", name, "--type", "process"]
-        args += ["--work-queue", "default", "--work-queue", self.hosts[name].address]  # its multi-worker runs
+        # Its multi-worker runs come on a queue named after its address (make_pool creates it: a worker
+        # polling a queue that does not exist takes no run at all, not even the default queue's).
+        args += ["--work-queue", "default", "--work-queue", self.hosts[name].address]
         self.workers[name] = self.hosts[name].start(args, cwd=home, env=env, log=self.log(name))
 
     def log(self, worker: str) -> Path:
@@ -148,6 +150,7 @@ def make_pool(hosts: dict[str, Host], stack: TeamStack, folder: Path) -> Pool:
     run("git", "commit", "-qm", "a commit after the deploy", cwd=repo)
     pool = Pool(hosts=hosts, stack=stack, repo=repo, deployed=deployed, folder=folder, workers={}, dask=dask)
     for name in ("worker1", "worker2"):
+        run("prefect", "work-queue", "create", hosts[name].address, "--pool", "agegender", cwd=folder, env=stack.env)
         pool.start_worker(name)
     return pool
 
@@ -403,6 +406,9 @@ def test_one_model_trains_across_both_worker_hosts_from_the_multiworker_deployme
     versions = len(mlflow_client(pool).search_model_versions("name = 'agegender'"))
 
     workers = [f"{pool.hosts[name].address}:{PORT}" for name in ("worker1", "worker2")]
+    unknown = run("agegender", "flow", "multiworker", workers[0], "10.9.9.9:1", cwd=pool.repo, env=pool.stack.env,
+                  check=False)  # fmt: skip
+    assert unknown.returncode == 1 and "has no work queue 10.9.9.9: on each of those hosts" in unknown.stderr
     started = run("agegender", "flow", "multiworker", *workers, cwd=pool.repo, env=pool.stack.env)
     chief_id, member_id = re.findall(r"\(([0-9a-f-]{36})\) on work queue", started.stderr)
     with api(pool):
