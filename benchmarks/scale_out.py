@@ -138,6 +138,8 @@ def prepare_candidates_data(files: list[Path], folder: Path, params: Params) -> 
 
 def multiworker_result(quick: bool) -> dict:
     """The hook for benchmarks/multiworker.py (tf.distribute multi-worker vs single-worker training)."""
+    # mlflow.set_tracking_uri exported this run's server, gone by now: the training projects use their own store.
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     path = ROOT / "benchmarks" / "multiworker.py"
     if not path.exists():
         return {"status": "benchmarks/multiworker.py not present; its measure(quick=...) result goes here"}
