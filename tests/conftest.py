@@ -41,16 +41,25 @@ os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
 SHARED_FIXTURE_GROUPS = ("team_stack",)
 
 
+# The longest groups (several minutes each) start first, so that none is left running alone at the end;
+# pyproject's --no-loadscope-reorder keeps this order (xdist would put the groups with most tests first).
+LONGEST_GROUPS = ("tests.e2e.test_work_pool", "team_stack", "tests.e2e.test_service", "tests.e2e.test_scale_out_dask")
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     modules: dict[str, list[pytest.Item]] = {}
     for item in items:
         modules.setdefault(item.module.__name__, []).append(item)
+    groups: dict[pytest.Item, str] = {}
     for module, module_items in modules.items():
         used = {name for item in module_items for name in item.fixturenames}
         group = next((name for name in SHARED_FIXTURE_GROUPS if name in used), module)
         for item in module_items:
             item.add_marker(pytest.mark.xdist_group(group))
+            groups[item] = group
+    rank = {group: n for n, group in enumerate(LONGEST_GROUPS)}
+    items.sort(key=lambda item: rank.get(groups[item], len(rank)))  # stable: the rest keep their order
 
 
 MLFLOW_STORE_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
