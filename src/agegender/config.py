@@ -268,6 +268,9 @@ class ScaleParams(Section):
         description="null: local threads; tcp://HOST:PORT: face detection shards and candidates on its workers",
     )
     shard_images: int = Field(200, ge=1, le=100_000, description="images per face-detection task on the cluster")
+    join_seconds: int = Field(
+        600, ge=1, le=86_400, description="multi-worker training (TF_CONFIG): how long a worker waits for the others"
+    )
 
 
 class Params(Section):

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 
@@ -58,6 +61,30 @@ def cluster_from_tf_config(text: str | None) -> Cluster | None:
     if not isinstance(index, int) or not 0 <= index < len(workers):
         raise ValueError(f"TF_CONFIG: task.index must be 0..{len(workers) - 1}; got {index!r}")
     return Cluster(workers=tuple(workers), index=index)
+
+
+# Sleeps, then says why and stops the waiting worker; killed once the worker joined.
+WATCHDOG = "import os, sys, time; time.sleep(float(sys.argv[2])); print(sys.argv[3], file=sys.stderr); os.kill(int(sys.argv[1]), 9)"
+
+
+def join(cluster: Cluster, seconds: float) -> None:
+    """Set up this worker's part of the cluster, waiting at most `seconds` for the other workers.
+
+    TensorFlow waits for a missing worker without end (one whose host died before training never
+    comes) while holding Python's GIL, so no thread of this process can stop the wait: a watchdog
+    process names the workers it waited for and stops this one before anything was tracked or written.
+    """
+    others = ", ".join(w for i, w in enumerate(cluster.workers) if i != cluster.index)
+    message = (
+        f"error: worker {cluster.index} of {cluster.size} waited scale.join_seconds = {seconds:g} s for the "
+        f"other workers ({others}) and not all of them started; nothing was trained or written"
+    )
+    watchdog = subprocess.Popen([sys.executable, "-I", "-c", WATCHDOG, str(os.getpid()), str(seconds), message])
+    try:
+        strategy_for(cluster)
+    finally:
+        watchdog.kill()
+        watchdog.wait()
 
 
 @functools.cache

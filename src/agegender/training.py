@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from agegender import paths
 from agegender.config import ModelSpec, Params, TrainParams
-from agegender.distributed import Cluster, fit_for_multi_worker, strategy_for
+from agegender.distributed import Cluster, fit_for_multi_worker, join, strategy_for
 from agegender.files import atomic_dir, write_json
 from agegender.labels import ADULT_AGE, GENDER_THRESHOLD
 from agegender.model import age_logits_loss, build_model, training_view
@@ -97,6 +97,8 @@ def run_train_stage(
             f"TF_CONFIG names a multi-worker cluster and scale.dask_scheduler is {params.scale.dask_scheduler}: "
             "candidates train either across the TF_CONFIG hosts or on the Dask workers; unset one of them"
         )
+    if cluster is not None:
+        join(cluster, params.scale.join_seconds)
     if cluster is not None and not cluster.is_chief:
         return train_as_worker(root / paths.PREPARED, params, cluster)
     uri = configure_tracking(root, tracking_uri)

@@ -4,7 +4,8 @@
 the trained template's prepared real chips) with TF_CONFIG naming both hosts' bridge addresses,
 as a Prefect deployment's job variables would set it. They train one model together: the chief
 tracks it in MLflow and writes artifacts/model, the worker writes nothing. Its validation age
-MAE is within 0.3 years of one worker's on the same data, epochs and global batch.
+MAE is within 0.3 years of one worker's on the same data, epochs and global batch. A worker whose
+peers never start gives up after scale.join_seconds, having written nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import mlflow
 import pytest
 
 from agegender.distributed import tf_config
-from tests.conftest import BIN, copy_repo, run, set_params, tail
+from tests.conftest import BIN, copy_repo, free_port, run, set_params, tail
 from tests.hosts import network_hosts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -83,3 +84,16 @@ def test_two_hosts_train_one_model_as_well_as_one_worker(trained_template: Path,
     multi, single = val_age_mae(chief), val_age_mae(repos["single"])
     print(f"val age MAE: two workers {multi}, one worker {single}")
     assert abs(multi - single) <= 0.3
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_whose_peers_never_start_gives_up_and_writes_nothing(trained_template: Path, tmp_path: Path):
+    repo = copy_repo(trained_template, tmp_path / "repo")
+    set_params(repo, {"scale": {"join_seconds": 20}})
+    before = files_of(repo)
+    workers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]  # nothing will listen on the second
+    env = {**os.environ, "TF_CONFIG": tf_config(workers, 0)}
+    alone = run(str(BIN / "agegender"), "train", cwd=repo, env=env, check=False)
+    assert alone.returncode != 0, alone.stderr[-2000:]
+    assert f"waited scale.join_seconds = 20 s for the other workers ({workers[1]})" in alone.stderr, alone.stderr
+    assert files_of(repo) == before, "nothing tracked in MLflow or written"
