@@ -496,7 +496,7 @@ def flow_multiworker_command(
     """Train one model across hosts: a train-multiworker run per host, each with its TF_CONFIG."""
     from prefect.exceptions import ObjectNotFound
 
-    from agegender.deployments import MULTIWORKER, start_multiworker_runs, work_queue_of
+    from agegender.deployments import MULTIWORKER, start_multiworker_runs, work_queue_of, worker_command
     from agegender.flow import FLOW_NAME
 
     require_prefect_api()
@@ -513,7 +513,7 @@ def flow_multiworker_command(
         console.print(f"{run.name} ({run.id}) on work queue {work_queue_of(worker)!r}, {role}", markup=False)
     console.print(
         f"Started {len(runs)} runs of '{FLOW_NAME}/{MULTIWORKER}'. Each host's worker takes its own: "
-        "prefect worker start --pool agegender --work-queue default --work-queue HOST"
+        + worker_command("agegender")
     )
 
 

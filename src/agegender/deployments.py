@@ -153,12 +153,11 @@ def start_multiworker_runs(workers: list[str]) -> list:
     with get_client(sync_client=True) as client:
         pool = client.read_deployment_by_name(f"{FLOW_NAME}/{MULTIWORKER}").work_pool_name
         queues = {queue.name for queue in client.read_work_queues(work_pool_name=pool)}
-    missing = [work_queue_of(worker) for worker in workers if work_queue_of(worker) not in queues]
+    missing = [queue for queue in map(work_queue_of, workers) if queue not in queues]
     if missing:
         raise ValueError(
             f"the work pool {pool!r} has no work queue {', '.join(missing)}: on each of those hosts, "
-            f"`prefect work-queue create HOST --pool {pool}` before `prefect worker start --pool {pool} "
-            "--work-queue default --work-queue HOST`"
+            f"`prefect work-queue create HOST --pool {pool}` before `{worker_command(pool)}`"
         )
     return [
         run_deployment(
@@ -175,3 +174,8 @@ def start_multiworker_runs(workers: list[str]) -> list:
 def work_queue_of(worker: str) -> str:
     """The work queue of a TF_CONFIG worker address: its host (10.0.0.12:12345 -> 10.0.0.12)."""
     return worker.rsplit(":", 1)[0]
+
+
+def worker_command(pool: str) -> str:
+    """How a host's worker takes the pool's runs and the multi-worker runs on its own work queue."""
+    return f"prefect worker start --pool {pool} --work-queue default --work-queue HOST"

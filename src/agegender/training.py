@@ -99,8 +99,8 @@ def run_train_stage(
         )
     if cluster is not None:
         join(cluster, params.scale.join_seconds)
-    if cluster is not None and not cluster.is_chief:
-        return train_as_worker(root / paths.PREPARED, params, cluster)
+        if not cluster.is_chief:
+            return train_as_worker(root / paths.PREPARED, params, cluster)
     uri = configure_tracking(root, tracking_uri)
     version = data_version(root / paths.DATA_DVC)
     run_name = f"{params.train.backbone}-{params.train.age_head}-{params.preprocess.image_size}px-data{version[:8]}"
