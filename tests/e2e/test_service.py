@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -316,58 +317,6 @@ def test_a_stalled_upload_gets_408_after_the_upload_timeout(server):
     assert 2.5 < waited < 15
 
 
-def test_overload_and_an_unreachable_model_service_answer_503_with_retry_after(champion_repo, tmp_path):
-    """A server of its own with serve.max_latency_ms = 300: 64 clients at once are shed, not served late."""
-    import psutil
-
-    params = tmp_path / "params.yaml"
-    shutil.copyfile(champion_repo / "params.yaml", params)
-    set_params(tmp_path, {"serve": {"max_latency_ms": 300}})
-    data, _ = scene_bytes(count=2, seed=3)
-    with serving(champion_repo, params, tmp_path / "serve.log") as served:
-        answers, lock = [], threading.Lock()
-
-        def client():
-            for _ in range(3):
-                status, headers, body = post(served["url"], "predict", data)
-                with lock:
-                    answers.append((status, headers.get("retry-after"), body))
-
-        clients = [threading.Thread(target=client) for _ in range(64)]
-        for thread in clients:
-            thread.start()
-        for thread in clients:
-            thread.join(timeout=300)
-        statuses = [status for status, _, _ in answers]
-        assert len(answers) == 192 and set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses
-        for status, retry_after, body in answers:
-            if status == 503:
-                assert retry_after == "1" and "over serve.max_latency_ms = 300 ms" in json.loads(body)["error"]
-
-        # The model service down and its socket gone: a 503 that says so, then recovery once it is back.
-        family = psutil.Process(served["process"].pid).children(recursive=True)
-        front = next(p for p in family if "AgeGender" in p.cmdline())
-        socket_path = Path(json.loads(front.environ()["BENTOML_RUNNER_MAP"])["FaceModel"].removeprefix("file://"))
-        socket_path.rename(socket_path.with_suffix(".away"))
-        try:
-            face_model = next(p for p in family if "FaceModel" in p.cmdline())
-            face_model.kill()  # its pooled connections die with it; new ones find no socket
-            face_model.wait(timeout=30)
-            status, headers, body = post(served["url"], "predict", data)
-        finally:
-            socket_path.with_suffix(".away").rename(socket_path)
-        assert status == 503 and headers["retry-after"] == "1", body
-        assert "model service is not reachable" in json.loads(body)["error"]
-        assert "No such file or directory" in json.loads(body)["error"]
-        wait_until(
-            lambda: post(served["url"], "predict", data)[0] == 200,
-            what="the restarted model service answers",
-            seconds=180,
-            process=served["process"],
-            log=served["log"],
-        )
-
-
 def test_metadata_names_the_model_and_its_data_version(server, champion_repo):
     import yaml
 
@@ -457,11 +406,16 @@ def test_eval_dir_scores_a_labelled_folder(champion_repo, tmp_path):
     assert metrics["model"]["version"] == "1"
 
 
-def test_a_built_bento_carries_the_model_and_serves_it_without_the_registry(champion_repo, tmp_path):
-    """make bento's three steps in a copy of the build context, then `bentoml serve` the Bento from elsewhere."""
+def test_a_built_bento_serves_without_the_registry_and_sheds_overload_with_503_and_retry_after(champion_repo, tmp_path):
+    """make bento's three steps in a copy of the build context, then `bentoml serve` the Bento from elsewhere.
+
+    Its params.yaml has serve.max_latency_ms = 300: 64 clients at once are shed, not served late; with
+    its model service down the front answers 503 that says so, and recovers once it is back.
+    """
     context = tmp_path / "context"
     shutil.copytree(PROJECT / "service", context / "service", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copyfile(PROJECT / "params.yaml", context / "params.yaml")
+    set_params(context, {"serve": {"max_latency_ms": 300}})
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "MLFLOW_TRACKING_URI": store_uri(champion_repo)}
     run(sys.executable, "-m", "uv", "build", "--wheel", "--out-dir", str(context / "dist"), str(PROJECT), cwd=tmp_path)
     run("agegender", "registry", "to-bentoml", cwd=champion_repo, env=env)
@@ -496,8 +450,61 @@ def test_a_built_bento_carries_the_model_and_serves_it_without_the_registry(cham
         answer = json.loads(body)
         assert status == 200 and len(answer["faces"]) == 1
         assert answer["model"]["uri"].startswith("bentoml:agegender:") and answer["model"]["version"] == "1"
+        sheds_overload(url)
+        answers_503_while_its_model_service_is_gone(url, process, log)
     finally:
         stop(process)
+
+
+def sheds_overload(url: str) -> None:
+    """64 clients, 3 requests each, at a server with serve.max_latency_ms = 300: some served, the rest shed."""
+    data, _ = scene_bytes(count=2, seed=3)
+    answers, lock = [], threading.Lock()
+
+    def client():
+        for _ in range(3):
+            status, headers, body = post(url, "predict", data)
+            with lock:
+                answers.append((status, headers.get("retry-after"), body))
+
+    clients = [threading.Thread(target=client) for _ in range(64)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(timeout=300)
+    statuses = [status for status, _, _ in answers]
+    assert len(answers) == 192 and set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses
+    for status, retry_after, body in answers:
+        if status == 503:
+            assert retry_after == "1" and "over serve.max_latency_ms = 300 ms" in json.loads(body)["error"]
+
+
+def answers_503_while_its_model_service_is_gone(url: str, process: subprocess.Popen, log: Path) -> None:
+    """The model service down and its socket gone: a 503 that says so, then recovery once it is back."""
+    import psutil
+
+    data, _ = scene_bytes(count=2, seed=3)
+    family = psutil.Process(process.pid).children(recursive=True)
+    front = next(p for p in family if "AgeGender" in p.cmdline())
+    socket_path = Path(json.loads(front.environ()["BENTOML_RUNNER_MAP"])["FaceModel"].removeprefix("file://"))
+    socket_path.rename(socket_path.with_suffix(".away"))
+    try:
+        face_model = next(p for p in family if "FaceModel" in p.cmdline())
+        face_model.kill()  # its pooled connections die with it; new ones find no socket
+        face_model.wait(timeout=30)
+        status, headers, body = post(url, "predict", data)
+    finally:
+        socket_path.with_suffix(".away").rename(socket_path)
+    assert status == 503 and headers["retry-after"] == "1", body
+    assert "model service is not reachable" in json.loads(body)["error"]
+    assert "No such file or directory" in json.loads(body)["error"]
+    wait_until(
+        lambda: post(url, "predict", data)[0] == 200,
+        what="the restarted model service answers",
+        seconds=180,
+        process=process,
+        log=log,
+    )
 
 
 def scrape(url: str) -> dict[tuple, float]:
