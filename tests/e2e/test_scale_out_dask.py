@@ -1,9 +1,8 @@
-"""Scale out over Dask (README: Scale out): the scheduler, two workers and an MLflow server on four
-test hosts (network namespaces); the `agegender` stages run in the tests' own namespace, as a
+"""Scale out over Dask (README: Scale out): the scheduler and two workers on three test hosts
+(network namespaces); the `agegender` stages run in the tests' own namespace, as a
 user's machine would, with scale.dask_scheduler naming the scheduler.
 
 - Face detection in shards on both workers gives the crops and split of single-process preprocessing.
-- Two candidates train at once on the two workers, each a child run in the MLflow server.
 - A worker killed mid-preprocessing: its shards are recomputed on the other, the result unchanged.
 """
 
@@ -26,14 +25,11 @@ import pytest
 from tests.conftest import (
     BIN,
     TINY,
-    TWO_CANDIDATES,
-    answers_ok,
     copy_utk_subset,
     make_project_repo,
     run,
     set_params,
     tail,
-    wait_until,
 )
 from tests.hosts import Host, network_hosts
 
@@ -41,7 +37,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import the tests' modules
 
 IMAGES = 160  # real utkface-part1 chips (plus the two malformed ones validation quarantines)
-DASK_PORT, MLFLOW_PORT = 8786, 5000  # each host has its own ports: no clash with other tests
+DASK_PORT = 8786  # each host has its own ports: no clash with other tests
 
 
 class Cluster:
@@ -50,7 +46,6 @@ class Cluster:
     def __init__(self, hosts: dict[str, Host], logs: Path) -> None:
         self.hosts, self.logs = hosts, logs
         self.scheduler = f"tcp://{hosts['scheduler'].address}:{DASK_PORT}"
-        self.mlflow = f"http://{hosts['store'].address}:{MLFLOW_PORT}"
 
     def start_worker(self, name: str) -> subprocess.Popen:
         # One thread per worker process, as README says: one detector, one candidate at a time.
@@ -75,7 +70,7 @@ def dask_env(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     logs = tmp_path_factory.mktemp("cluster")
-    with network_hosts(["scheduler", "worker1", "worker2", "store"]) as hosts:
+    with network_hosts(["scheduler", "worker1", "worker2"]) as hosts:
         c = Cluster(hosts, logs)
         scheduler = hosts["scheduler"].start(
             [BIN / "dask", "scheduler", "--host", hosts["scheduler"].address, "--port", DASK_PORT, "--no-dashboard"],
@@ -83,20 +78,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
             env=dask_env(logs),
             log=logs / "scheduler.log",
         )
-        store = hosts["store"].start(
-            [
-                *(BIN / "mlflow", "server", "--host", hosts["store"].address, "--port", MLFLOW_PORT, "--workers", "1"),
-                *("--backend-store-uri", f"sqlite:///{logs / 'mlflow.db'}"),
-                *("--artifacts-destination", str(logs / "mlartifacts")),
-            ],
-            cwd=logs,
-            env=dict(os.environ),
-            log=logs / "mlflow.log",
-        )
         c.start_worker("worker1"), c.start_worker("worker2")
         c.wait_for_workers(2)
-        wait_until(lambda: answers_ok(f"{c.mlflow}/health"), what="the MLflow server", seconds=180, process=store,
-                   log=logs / "mlflow.log")  # fmt: skip
         assert scheduler.poll() is None, tail(logs / "scheduler.log")
         yield c
     # network_hosts killed every process in the hosts and removed them, also on failure
@@ -107,7 +90,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project with the chips ingested and validated, and their single-process preprocessing kept aside."""
     base = tmp_path_factory.mktemp("scale-out")
     repo = make_project_repo(base)
-    set_params(repo, {**TINY, "candidates": TWO_CANDIDATES})
+    set_params(repo, TINY)
     run("agegender", "data", "ingest", str(copy_utk_subset(base / "utk", IMAGES)), cwd=repo)
     run("agegender", "validate", cwd=repo)
     run("agegender", "preprocess", cwd=repo)  # scale.dask_scheduler: null, the default
@@ -160,39 +143,6 @@ def test_preprocessing_sharded_over_two_workers_equals_single_process(cluster: C
     rows = len((repo / "artifacts/prepared/split.csv").read_text().splitlines()) - 1
     assert sum(shards.values()) == math.ceil(rows / 20)
     assert all(built == 1 for built, _ in after.values()), f"a detector per worker process, built once: {after}"
-
-
-@pytest.mark.timeout(600)
-def test_two_candidates_train_at_once_on_two_workers_as_child_runs(cluster: Cluster, repo: Path):
-    import mlflow
-
-    set_params(repo, {"scale": {"dask_scheduler": cluster.scheduler}})
-    try:
-        run("agegender", "train", cwd=repo, env={**os.environ, "MLFLOW_TRACKING_URI": cluster.mlflow})
-    finally:
-        set_params(repo, {"scale": {"dask_scheduler": None}})
-    rows = json.loads((repo / "artifacts/model/candidates.json").read_text())
-    assert [row["name"] for row in rows] == ["small", "wider"]
-    client = mlflow.MlflowClient(cluster.mlflow)
-    parent = client.get_run(rows[0]["parent_run_id"])
-    children = {row["name"]: client.get_run(row["run_id"]) for row in rows}
-    assert {run.data.tags["mlflow.parentRunId"] for run in children.values()} == {parent.info.run_id}
-    assert {run.info.status for run in [parent, *children.values()]} == {"FINISHED"}
-    workers = {run.data.tags["dask_worker"] for run in children.values()}
-    addresses = {cluster.hosts[name].address for name in ("worker1", "worker2")}
-    assert {w.removeprefix("tcp://").rsplit(":", 1)[0] for w in workers} == addresses, "one candidate per worker"
-    # The winner is chosen on validation alone, and its outputs are artifacts/model as in the serial path.
-    winner = min(rows, key=lambda row: row["val_age_mae"])
-    assert [row["name"] for row in rows if row["winner"]] == [winner["name"]]
-    assert parent.data.tags["winner_run_id"] == winner["run_id"]
-    metrics = json.loads((repo / "artifacts/model/metrics.json").read_text())
-    assert metrics["val_age_mae"] == winner["val_age_mae"]
-    assert json.loads((repo / "artifacts/model/card.json").read_text())["mlflow_run_id"] == winner["run_id"]
-    for name in ("model.keras", "spec.json", "card.md", "curves.png", "reference.csv", "history.csv"):
-        assert (repo / "artifacts/model" / name).stat().st_size > 0, name
-    assert not list((repo / "artifacts/model").glob(".candidate-*"))
-    logged = client.list_artifacts(winner["run_id"], "outputs")
-    assert "outputs/model.keras" in {item.path for item in logged}
 
 
 @pytest.mark.timeout(600)

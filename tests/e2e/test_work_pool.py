@@ -156,9 +156,8 @@ def make_pool(hosts: dict[str, Host], stack: TeamStack, folder: Path) -> Pool:
 
 
 def start_dask(hosts: dict[str, Host], folder: Path) -> Cluster:
-    """`dask scheduler` on the server host (its MLflow is the store), a one-thread `dask worker` on dask1 and dask2."""
-    cluster = Cluster({"scheduler": hosts["server"], "store": hosts["server"], "dask1": hosts["dask1"],
-                       "dask2": hosts["dask2"]}, logs=folder)  # fmt: skip
+    """`dask scheduler` on the server host, a one-thread `dask worker` on dask1 and dask2."""
+    cluster = Cluster({"scheduler": hosts["server"], "dask1": hosts["dask1"], "dask2": hosts["dask2"]}, logs=folder)
     args = [BIN / "dask", "scheduler", "--host", hosts["server"].address, "--port", DASK_PORT, "--no-dashboard"]
     hosts["server"].start(args, cwd=folder, env=dask_env(folder), log=folder / "dask-scheduler.log")
     cluster.start_worker("dask1"), cluster.start_worker("dask2")
@@ -320,9 +319,13 @@ def test_the_scheduled_retraining_fires_on_the_server_and_trains_on_a_worker_hos
     children = children_of(pool, parent.info.run_id)
     assert {r.info.status for r in children} == {"FINISHED"} and len(children) == 2
     assert sorted(pool.host_of(r.data.tags["dask_worker"]) for r in children) == ["dask1", "dask2"]
+    # The winner is chosen on validation alone (each child's last val_age_mae is its restored best model's).
+    val_mae = {r.info.run_id: r.data.metrics["val_age_mae"] for r in children}
+    winner = parent.data.tags["winner_run_id"]
+    assert winner == min(val_mae, key=val_mae.get), val_mae
+    assert "outputs/model.keras" in {item.path for item in mlflow_client(pool).list_artifacts(winner, "outputs")}
     assert assert_registry_consistent(pool) == {"champion": "1", "challenger": "1"}
-    champion = mlflow_client(pool).get_model_version("agegender", "1")
-    assert champion.run_id == parent.data.tags["winner_run_id"] in {r.info.run_id for r in children}
+    assert mlflow_client(pool).get_model_version("agegender", "1").run_id == winner
 
 
 @pytest.mark.timeout(1800)
