@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,9 @@ from agegender.evaluation import compute_metrics
 from agegender.preprocess import load_split
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.train_quality import ms_per_face  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "flip_average.json"
 REPORTED = ("age_mae", "age_mae_18plus", "gender_accuracy", "gender_accuracy_18plus")
 
@@ -53,17 +56,6 @@ def scores(model, split: dict, age_buckets: list[int]) -> dict:
     return result
 
 
-def ms_per_face(model, size: int, *, mirrored: bool) -> float:
-    batch = np.random.default_rng(0).integers(0, 255, (32, size, size, 3)).astype(np.float32)
-    if mirrored:
-        batch = np.concatenate([batch, batch[:, :, ::-1]])
-    model.predict_on_batch(batch)
-    start = time.perf_counter()
-    for _ in range(30):
-        model.predict_on_batch(batch)
-    return round((time.perf_counter() - start) / (30 * 32) * 1000, 3)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, required=True)
@@ -82,8 +74,8 @@ def main() -> None:
         "model": str(args.model),
         **{name: scores(model, split, params.validate_.age_buckets) for name, split in splits.items()},
         "ms_per_face_batch32": {
-            "plain": ms_per_face(model, size, mirrored=False),
-            "with_mirror": ms_per_face(model, size, mirrored=True),
+            "plain": ms_per_face(model, size),
+            "with_mirror": ms_per_face(model, size, with_mirror=True),
         },
     }
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}

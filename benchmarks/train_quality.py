@@ -172,8 +172,14 @@ def subgroups(predictor, test, age_buckets: list[int]) -> dict:
 def inference_ms_per_face(model_path: Path, size: int) -> float:
     import keras
 
-    model = keras.saving.load_model(model_path, compile=False)
+    return ms_per_face(keras.saving.load_model(model_path, compile=False), size)
+
+
+def ms_per_face(model, size: int, *, with_mirror: bool = False) -> float:
+    """The model's ms per face at batch 32 (with_mirror: one call on the 32 faces and their mirror images)."""
     batch = np.random.default_rng(0).integers(0, 255, (32, size, size, 3)).astype(np.float32)
+    if with_mirror:
+        batch = np.concatenate([batch, batch[:, :, ::-1]])
     model.predict_on_batch(batch)
     start = time.perf_counter()
     for _ in range(30):
