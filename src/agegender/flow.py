@@ -1,21 +1,15 @@
 """The Prefect training flow: fetch data -> retrain? -> each dvc.yaml stage in order -> report.
 
-Orchestration only. Each stage task runs `dvc repro --single-item STAGE`, the command a
-person runs, so dvc.lock and DVC's caches decide what runs and a later `dvc repro` by hand
-has nothing to do; the stages are the `agegender` commands dvc.yaml names. Prefect adds
-retries on the tasks that touch the DVC remote or the registry, a time limit that stops a
-stage's processes, the stages' output in the run logs, and report artifacts.
+Orchestration only. Each stage task runs `dvc repro --single-item STAGE`, the command a person
+runs, so dvc.lock and DVC's caches decide what runs and a later `dvc repro` by hand has nothing to
+do. Prefect adds retries on the tasks that touch the DVC remote or the registry, a time limit that
+stops a stage's processes, the stages' output in the run logs, and report artifacts. Deployments
+(`agegender flow serve|deploy|multiworker`) are agegender.deployments'.
 
-    agegender flow run      # once (what `make run` runs)
-    agegender flow serve    # the `retrain` deployment on params.yaml's schedule (and the drift check's)
-    agegender flow deploy   # prefect.yaml's deployments on the work pool; `prefect worker start` runs them
-    agegender flow multiworker HOST:PORT HOST:PORT   # one model trained across hosts (tf.distribute)
-
-(serve, deploy and multiworker: agegender.deployments). On a work pool a run whose worker host dies
-is marked Crashed when its heartbeats stop and put back for another worker; the MLflow runs its
-stages had open are then ended as KILLED, so none is left looking alive. With TF_CONFIG in its
-environment (a multi-worker run's job variable) the chief runs the whole flow and trains with the
-other workers; every other worker prepares the same data and only trains with it.
+On a work pool a run whose host dies is marked Crashed when its heartbeats stop and put back for
+another worker, whose attempt ends the MLflow runs the dead one left open as KILLED. With TF_CONFIG
+(a multi-worker run's job variable) the chief runs the whole flow and trains with the other
+workers; each of those prepares the same data and only trains.
 """
 
 from __future__ import annotations
@@ -49,10 +43,6 @@ DEFAULT_STAGE_SECONDS = 3600
 RUN_TAG = "prefect_flow_run_id"  # on every MLflow run a stage starts: which flow run it belongs to
 
 
-class StageTimeout(TimeoutError):
-    """A stage ran past its time limit; its processes were stopped."""
-
-
 def run_logged(
     command: list[str], *, cwd: Path, seconds: float, log: Callable[[str], object], env: Mapping[str, str] = {}
 ) -> None:
@@ -83,7 +73,7 @@ def run_logged(
             stop()
             proc.wait()
     if expired.is_set():
-        raise StageTimeout(f"`{' '.join(command)}` ran past its limit of {seconds:.0f} s and was stopped")
+        raise TimeoutError(f"`{' '.join(command)}` ran past its limit of {seconds:.0f} s and was stopped")
     if code != 0:
         raise RuntimeError(f"`{' '.join(command)}` exited with {code}")
 
@@ -127,8 +117,7 @@ def run_stage(root: Path, stage: str) -> bool:
     logger.info("$ dvc repro --single-item %s   (in %s)", stage, root)
     # MLflow tags every run the stage starts with these (its MLFLOW_RUN_CONTEXT): a retry finds them.
     tags = {"MLFLOW_RUN_CONTEXT": json.dumps({RUN_TAG: str(flow_run.id)})} if flow_run.id else {}
-    seconds = STAGE_SECONDS.get(stage, DEFAULT_STAGE_SECONDS)
-    run_logged(command, cwd=root, seconds=seconds, log=logger.info, env=tags)
+    run_logged(command, cwd=root, seconds=STAGE_SECONDS.get(stage, DEFAULT_STAGE_SECONDS), log=logger.info, env=tags)
     return True
 
 
