@@ -16,13 +16,11 @@ Writes benchmarks/results/team_stack.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,7 +36,7 @@ UTKFACE = ROOT.parent / "shared" / "datasets" / "utkface-part1"
 RESULTS = ROOT / "benchmarks" / "results" / "team_stack.json"
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
-from tests.conftest import stack_ports  # noqa: E402
+from tests.conftest import set_params, stack_ports, stop  # noqa: E402
 
 
 def run(*args: str, cwd: Path, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
@@ -144,13 +142,6 @@ FLOW_PARAMS = {
 }
 
 
-def set_params(repo: Path, changes: dict) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in changes.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def spread(count: int, folder: Path) -> Path:
     """Every k-th image of utkface-part1 by name: all ages and both genders."""
     folder.mkdir()
@@ -245,24 +236,6 @@ def measure_cold_start(clone: Path, env: dict, log: Path) -> float:
         raise SystemExit(f"bentoml serve not ready within 300 s; see {log}")
     finally:
         stop(process)
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Stop a server and everything it started (bentoml's workers run in sessions of their own)."""
-    import psutil
-
-    family = psutil.Process(process.pid).children(recursive=True)
-    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=grace)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    for child in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
 
 
 def main() -> None:
