@@ -99,7 +99,7 @@ class LossWeights(Section):
 
 class TrainParams(Section):
     backbone: Literal["compact", "mobilenet_v3_small", "efficientnet_b0", "resnet50", "vgg16"] = "compact"
-    weights: Literal["imagenet"] | None = None
+    weights: Path | None = None  # a local pretrained-weights file for a keras.applications backbone
     width: int = Field(32, ge=4, le=256)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     age_head: Literal["regression", "dldl", "ordinal"] = "dldl"

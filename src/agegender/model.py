@@ -24,6 +24,7 @@ plain years, the loss encodes them) and saves the two-output model.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import keras
 from keras import layers, ops
@@ -47,7 +48,7 @@ def build_model(
     *,
     backbone: str = "compact",
     image_size: int = 64,
-    weights: str | None = None,
+    weights: Path | None = None,
     width: int = 32,
     dropout: float = 0.2,
     age_head: str = "dldl",
@@ -58,14 +59,16 @@ def build_model(
     ``width`` is the first-stage channel count of the compact backbone (ignored by
     keras.applications backbones). ``age_bins`` one-year bins cover ages
     0..age_bins-1 (older targets are clipped by the losses).
-    Raises ValueError for unknown names, RuntimeError if ImageNet weights can't be had.
+    ``weights`` is a local file of pretrained weights for a keras.applications trunk (for example
+    Keras' ImageNet "notop" file for that backbone, fetched once elsewhere): nothing is downloaded.
+    Raises ValueError for unknown names and for weights that are missing or do not fit the trunk.
     """
     _check_choice("backbone", backbone, BACKBONES)
     _check_choice("age_head", age_head, AGE_HEADS)
-    if weights not in (None, "imagenet"):
-        raise ValueError(f"weights must be None or 'imagenet', got {weights!r}")
     if backbone == "compact" and weights is not None:
         raise ValueError("the compact backbone has no pretrained weights; use weights=None")
+    if weights is not None and not Path(weights).is_file():
+        raise ValueError(f"pretrained weights file {weights} does not exist")
 
     inputs = keras.Input((image_size, image_size, 3), name="image")
     if backbone == "compact":
@@ -118,7 +121,7 @@ def _residual_block(x, filters: int, *, strides: int, separable: bool, name: str
     return layers.ReLU(name=f"{name}_out")(y)
 
 
-def _application_backbone(inputs, backbone: str, weights: str | None):
+def _application_backbone(inputs, backbone: str, weights: Path | None):
     """keras.applications trunk with the preprocessing its ImageNet weights expect."""
     if backbone in ("resnet50", "vgg16"):
         # "caffe" preprocessing is BGR minus the ImageNet mean: our input order as is.
@@ -134,16 +137,12 @@ def _application_backbone(inputs, backbone: str, weights: str | None):
         "resnet50": keras.applications.ResNet50,
         "vgg16": keras.applications.VGG16,
     }[backbone]
-    shape = tuple(x.shape[1:])
-    try:
-        trunk = factory(include_top=False, weights=weights, input_shape=shape, pooling="avg")
-    except (ValueError, TypeError):
-        raise  # bad shape or arguments: the application's own message is the clear one
-    except Exception as err:  # keras.utils.get_file raises a bare Exception on fetch failure
-        raise RuntimeError(
-            f"could not fetch ImageNet weights for backbone {backbone!r} ({err}); "
-            "no network? Put the weight file in ~/.keras/models/ or use weights=None"
-        ) from err
+    trunk = factory(include_top=False, weights=None, input_shape=tuple(x.shape[1:]), pooling="avg")
+    if weights is not None:
+        try:
+            trunk.load_weights(weights)
+        except (ValueError, OSError) as err:
+            raise ValueError(f"pretrained weights file {weights} does not fit the {backbone} trunk: {err}") from err
     return trunk(x)
 
 

@@ -103,22 +103,25 @@ def test_bgr_to_rgb_reverses_channels():
     np.testing.assert_array_equal(np.asarray(BgrToRgb()(pixel)), pixel[..., ::-1])
 
 
-def test_imagenet_weights_offline_raise_a_clear_runtime_error():
-    try:
-        build_model(
-            backbone="mobilenet_v3_small",
-            image_size=32,
-            weights="imagenet",
-            width=8,
-            dropout=0.0,
-            age_head="regression",
-            age_bins=101,
-        )
-    except RuntimeError as err:
-        assert "ImageNet weights" in str(err) and "mobilenet_v3_small" in str(err)
-        assert err.__cause__ is not None  # the download error is kept for the reader
-    else:
-        pytest.skip("ImageNet weights were reachable here (network or ~/.keras cache)")
+def test_pretrained_weights_come_from_a_local_file_and_a_wrong_file_is_named(tmp_path):
+    # A trunk's weights file, as Keras' ImageNet "notop" files are: here made and saved on the spot.
+    trunk = keras.applications.MobileNetV3Small(
+        include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg", include_preprocessing=False
+    )
+    rng = np.random.default_rng(0)
+    trunk.set_weights([rng.normal(size=w.shape).astype("float32") for w in trunk.get_weights()])
+    saved = tmp_path / "mobilenet_v3_small_notop.weights.h5"
+    trunk.save_weights(saved)
+    settings = {"image_size": 32, "width": 8, "dropout": 0.0, "age_head": "dldl", "age_bins": 101}
+
+    model = build_model(backbone="mobilenet_v3_small", weights=saved, **settings)
+    (loaded,) = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), trunk.get_weights(), strict=True))
+
+    with pytest.raises(ValueError, match="missing.weights.h5 does not exist"):
+        build_model(backbone="mobilenet_v3_small", weights=tmp_path / "missing.weights.h5", **settings)
+    with pytest.raises(ValueError, match=f"{saved} does not fit the efficientnet_b0 trunk"):
+        build_model(backbone="efficientnet_b0", weights=saved, **settings)
 
 
 def test_unknown_backbone_names_the_allowed_values():
@@ -129,14 +132,20 @@ def test_unknown_backbone_names_the_allowed_values():
     assert all(name in str(info.value) for name in BACKBONES)
 
 
-def test_unknown_age_head_and_bad_weights_are_rejected():
+def test_unknown_age_head_and_bad_weights_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="allowed: regression, dldl, ordinal"):
         build_model(
             backbone="compact", image_size=32, weights=None, width=8, dropout=0.0, age_head="softmax", age_bins=101
         )
     with pytest.raises(ValueError, match="no pretrained weights"):
         build_model(
-            backbone="compact", image_size=32, weights="imagenet", width=8, dropout=0.0, age_head="dldl", age_bins=101
+            backbone="compact",
+            image_size=32,
+            weights=tmp_path / "w.h5",
+            width=8,
+            dropout=0.0,
+            age_head="dldl",
+            age_bins=101,
         )
 
 
