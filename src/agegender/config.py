@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from agegender.images import ImageLimits
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+# The names params.yaml may use; faces.py and model.py take their lists of choices from these.
+DetectorName = Literal["haar", "mtcnn", "blazeface"]
+Backbone = Literal["compact", "mobilenet_v3_small", "efficientnet_b0", "resnet50", "vgg16"]
+AgeHead = Literal["regression", "dldl", "ordinal"]
 
 
 class Section(BaseModel):
@@ -72,7 +76,7 @@ class SplitFractions(Section):
 
 
 class PreprocessParams(Section):
-    detector: Literal["haar", "mtcnn", "blazeface"] = "blazeface"
+    detector: DetectorName = "blazeface"
     margin: float = Field(0.0, ge=0.0, le=2.0)
     align: bool = False
     image_size: int = Field(64, ge=32, le=512)
@@ -98,11 +102,11 @@ class LossWeights(Section):
 
 
 class TrainParams(Section):
-    backbone: Literal["compact", "mobilenet_v3_small", "efficientnet_b0", "resnet50", "vgg16"] = "compact"
+    backbone: Backbone = "compact"
     weights: Path | None = None  # a local pretrained-weights file for a keras.applications backbone
     width: int = Field(32, ge=4, le=256)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    age_head: Literal["regression", "dldl", "ordinal"] = "dldl"
+    age_head: AgeHead = "dldl"
     age_bins: int = Field(101, ge=2, le=117)
     age_sigma: float = Field(2.0, gt=0.0)
     loss_weights: LossWeights = LossWeights()

@@ -25,10 +25,12 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, get_args
 
 import cv2
 import numpy as np
+
+from agegender.config import DetectorName
 
 # Detection runs on a copy whose longer side is at most this many pixels: detection cost grows
 # with the pixel count (a 4000x3000 photo took ~2 s with Haar and ~4 s with MTCNN at full size),
@@ -50,7 +52,7 @@ MTCNN_CHIP_BOX: RelBox = (0.483, 0.429, 1.081)
 # its box is lower and tighter than MTCNN's (brows to chin, no forehead).
 BLAZEFACE_CHIP_BOX: RelBox = (0.495, 0.525, 0.915)
 
-DETECTOR_NAMES = ("haar", "mtcnn", "blazeface")
+DETECTOR_NAMES = get_args(DetectorName)
 
 T = TypeVar("T")
 R = TypeVar("R")

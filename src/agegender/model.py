@@ -25,12 +25,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
 
 import keras
 from keras import layers, ops
 
-BACKBONES = ("compact", "mobilenet_v3_small", "efficientnet_b0", "resnet50", "vgg16")
-AGE_HEADS = ("regression", "dldl", "ordinal")
+from agegender.config import AgeHead, Backbone
+
+BACKBONES = get_args(Backbone)
+AGE_HEADS = get_args(AgeHead)
 
 # Caffe-style ImageNet means in BGR order: what resnet50/vgg16 weights expect.
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
