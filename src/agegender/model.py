@@ -23,6 +23,7 @@ plain years, the loss encodes them) and saves the two-output model.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
@@ -143,7 +144,9 @@ def _application_backbone(inputs, backbone: str, weights: Path | None):
     trunk = factory(include_top=False, weights=None, input_shape=tuple(x.shape[1:]), pooling="avg")
     if weights is not None:
         try:
-            trunk.load_weights(weights)
+            with warnings.catch_warnings():  # a file that does not fit warns once per layer, then raises
+                warnings.simplefilter("ignore")
+                trunk.load_weights(weights)
         except (ValueError, OSError) as err:
             raise ValueError(f"pretrained weights file {weights} does not fit the {backbone} trunk: {err}") from err
     return trunk(x)
