@@ -107,6 +107,7 @@ class TrainParams(Section):
     width: int = Field(32, ge=4, le=256)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     age_head: AgeHead = "dldl"
+    mirror_average: bool = False  # the saved model averages its predictions on each face and its mirror image
     age_bins: int = Field(101, ge=2, le=117)
     age_sigma: float = Field(2.0, gt=0.0)
     loss_weights: LossWeights = LossWeights()

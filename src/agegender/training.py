@@ -27,7 +27,7 @@ from agegender.config import ModelSpec, Params, TrainParams
 from agegender.distributed import Cluster, fit_for_multi_worker, join, strategy_for
 from agegender.files import atomic_dir, write_json
 from agegender.labels import ADULT_AGE, GENDER_THRESHOLD
-from agegender.model import age_logits_loss, build_model, training_view
+from agegender.model import age_logits_loss, build_model, mirror_averaged, training_view
 from agegender.monitoring import reference_table
 from agegender.preprocess import load_split
 from agegender.tracking import configure_tracking, end_dead_runs, flatten, git_commit
@@ -446,7 +446,7 @@ def train_model(
         local = build_for(cfg, image_size)
         local.set_weights(model.get_weights())
         model = local
-    return model, history
+    return (mirror_averaged(model) if cfg.mirror_average else model), history
 
 
 def build_for(cfg: TrainParams, image_size: int) -> keras.Model:

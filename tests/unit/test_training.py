@@ -47,3 +47,21 @@ def test_grayscale_augmentation_greys_whole_images_at_its_rate():
     assert grey_share(0.0) == 0.0
     assert grey_share(1.0) == 1.0
     assert 0.15 < grey_share(0.3) < 0.45  # 200 draws at 0.3
+
+
+def test_mirror_average_trains_a_model_that_answers_a_face_and_its_mirror_image_alike():
+    from agegender.config import TrainParams
+    from agegender.training import train_model
+
+    rng = np.random.default_rng(0)
+    faces = {
+        "images": rng.integers(0, 256, (32, 32, 32, 3)).astype(np.uint8),
+        "age": rng.uniform(1, 80, 32).astype(np.float32),
+        "gender": rng.integers(0, 2, 32).astype(np.float32),
+    }
+    cfg = TrainParams(width=4, epochs=1, batch_size=16, mirror_average=True)
+    model, _ = train_model(cfg, 32, faces, faces, callbacks=[], verbose=0)
+    images = faces["images"][:4].astype(np.float32)
+    plain, mirrored = model.predict_on_batch(images), model.predict_on_batch(images[:, :, ::-1])
+    for name in ("age", "gender"):
+        np.testing.assert_allclose(np.asarray(mirrored[name]), np.asarray(plain[name]), rtol=1e-5, atol=1e-4)
