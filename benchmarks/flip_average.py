@@ -62,9 +62,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="a folder with model.keras")
     parser.add_argument("--label", required=True)
     args = parser.parse_args()
-    import keras
+    from agegender.model import load_model
 
-    model = keras.saving.load_model(args.model / "model.keras", compile=False)
+    model = load_model(args.model / "model.keras")
     params = load_params(ROOT / "params.yaml")
     prepared = args.store / "artifacts" / "prepared"
     splits = {name: load_split(prepared, name) for name in ("val", "test")}

@@ -181,9 +181,9 @@ def subgroups(predictor, test, age_buckets: list[int]) -> dict:
 
 
 def inference_ms_per_face(model_path: Path, size: int) -> float:
-    import keras
+    from agegender.model import load_model
 
-    return ms_per_face(keras.saving.load_model(model_path, compile=False), size)
+    return ms_per_face(load_model(model_path), size)
 
 
 def ms_per_face(model, size: int, *, with_mirror: bool = False) -> float:

@@ -49,10 +49,10 @@ class Predictor:
     def from_path(cls, model_dir: Path) -> Predictor:
         """A trained model folder: model.keras + spec.json (as written by the train stage, and the artifacts
         of the MLflow model it logs)."""
-        import keras
+        from agegender.model import load_model
 
         spec = load_spec(model_dir / paths.MODEL_SPEC)
-        model = keras.saving.load_model(model_dir / paths.KERAS_MODEL, compile=False)
+        model = load_model(model_dir / paths.KERAS_MODEL)
         return cls(
             model,
             spec,
@@ -186,9 +186,9 @@ def load_network(mlflow_model: Path):
     """
     network = mlflow_model / "artifacts" / paths.KERAS_MODEL
     if network.exists():
-        import keras
+        from agegender.model import load_model
 
-        return keras.saving.load_model(network, compile=False)
+        return load_model(network)
     import mlflow
 
     return mlflow.tensorflow.load_model(str(mlflow_model))

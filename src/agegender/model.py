@@ -95,6 +95,11 @@ def build_model(
     return keras.Model(inputs, {"age": age, "gender": gender}, name=f"agegender_{backbone}")
 
 
+def load_model(path: Path) -> keras.Model:
+    """A saved model. Loading it through this module defines the custom layers it may hold."""
+    return keras.saving.load_model(path, compile=False)
+
+
 def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -182,3 +185,14 @@ def test_mirror_averaged_model_is_the_mean_over_both_mirror_images_and_reloads(t
     reloaded = _predict(keras.saving.load_model(tmp_path / "model.keras"), images[:, :, ::-1])
     for name in ("age", "gender"):  # a mirror image gets the same answer
         np.testing.assert_allclose(reloaded[name], got[name], rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_with_custom_layers_loads_in_a_process_that_never_imported_them(tmp_path):
+    model = mirror_averaged(build_model(backbone="compact", image_size=32, width=4, age_head="dldl"))
+    (tmp_path / "artifacts").mkdir()
+    model.save(tmp_path / "artifacts" / "model.keras")
+    # How a served registry version loads: the Bento imports agegender.inference, not agegender.model.
+    code = "import sys, pathlib; from agegender.inference import load_network; print(load_network(pathlib.Path(sys.argv[1])).name)"
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == model.name
