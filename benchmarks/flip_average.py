@@ -6,7 +6,8 @@ one that train_quality.py trained there. Results merge into benchmarks/results/f
 under NAME: age MAE overall and 18+, gender accuracy overall and 18+, on validation and test, for
 the plain image, the mirrored one and the average of the two predictions; and the model's ms per
 face at batch 32 alone and with its mirror (one call on the 32 faces and their 32 mirrors).
-The product does not average: this measures what averaging would buy, and what it would cost.
+`train.mirror_average: true` makes the saved model average; this measures what that buys a model trained
+without it, and what it costs.
 """
 
 from __future__ import annotations
