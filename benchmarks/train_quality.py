@@ -59,6 +59,7 @@ CONFIGS = {
         "train": RECIPE | {"loss_weights": WIDE["loss_weights"] | {"gender": 3.0}},
         "preprocess": BLAZEFACE,
     },
+    "recipe-seed43": {"train": RECIPE | {"seed": 43}, "preprocess": BLAZEFACE},  # another draw of the same recipe
     "blazeface-w32-40ep": {"train": NARROW, "preprocess": BLAZEFACE},
     "blazeface-w48-24ep": {"train": WIDE, "preprocess": BLAZEFACE},
     "mtcnn-w48-24ep": {"train": WIDE, "preprocess": MTCNN},
