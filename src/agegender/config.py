@@ -114,6 +114,9 @@ class TrainParams(Section):
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     learning_rate: float = Field(0.003, gt=0.0, le=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
+    # Momentum of an exponential moving average of the weights (Keras' optimizer EMA); the average is what
+    # is validated, kept and saved. null: the weights as trained.
+    ema_momentum: float | None = Field(None, gt=0.0, lt=1.0)
     warmup_epochs: int = Field(2, ge=0)
     epochs: int = Field(20, ge=1, le=1000)
     batch_size: int = Field(64, ge=1, le=4096)

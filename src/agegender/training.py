@@ -434,6 +434,8 @@ def train_model(
             epochs=cfg.epochs,
             callbacks=[
                 keras.callbacks.TerminateOnNaN(),
+                # Before EarlyStopping: each epoch's averaged weights are the ones it scores and keeps.
+                *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema_momentum else []),
                 keras.callbacks.EarlyStopping(
                     monitor="val_age_mae", mode="min", patience=cfg.patience, restore_best_weights=True
                 ),
@@ -525,10 +527,11 @@ def compile_for_training(model: keras.Model, cfg: TrainParams, *, steps_per_epoc
         warmup_steps=warmup,
         alpha=0.01,
     )
+    ema = {"use_ema": cfg.ema_momentum is not None, "ema_momentum": cfg.ema_momentum or 0.99}
     optimizer = {
-        "adamw": lambda: keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
-        "adam": lambda: keras.optimizers.Adam(schedule),
-        "sgd": lambda: keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True),
+        "adamw": lambda: keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, **ema),
+        "adam": lambda: keras.optimizers.Adam(schedule, **ema),
+        "sgd": lambda: keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, **ema),
     }[cfg.optimizer]()
     fit_model.compile(
         optimizer=optimizer,
