@@ -62,7 +62,8 @@ CONFIGS = {
     "recipe-seed43": {"train": RECIPE | {"seed": 43}, "preprocess": BLAZEFACE},  # another draw of the same recipe
     # The recipe with a moving average of its weights, which training leaves unchanged (deterministic).
     "recipe-ema995": {"train": RECIPE | {"ema_momentum": 0.995}, "preprocess": BLAZEFACE},
-    "recipe-ema999": {"train": RECIPE | {"ema_momentum": 0.999}, "preprocess": BLAZEFACE},
+    # BatchNorm statistics over about 100 steps instead of 10 (epochs of 229 steps).
+    "recipe-bn99": {"train": RECIPE | {"bn_momentum": 0.99}, "preprocess": BLAZEFACE},
     "blazeface-w32-40ep": {"train": NARROW, "preprocess": BLAZEFACE},
     "blazeface-w48-24ep": {"train": WIDE, "preprocess": BLAZEFACE},
     "mtcnn-w48-24ep": {"train": WIDE, "preprocess": MTCNN},

@@ -106,6 +106,9 @@ class TrainParams(Section):
     weights: Path | None = None  # a local pretrained-weights file for a keras.applications backbone
     width: int = Field(32, ge=4, le=256)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    # compact backbone: momentum of the BatchNorm moving statistics. 0.9 settles within an epoch or two of
+    # the small demo data; with hundreds of steps an epoch, 0.99 averages out the batch-to-batch noise.
+    bn_momentum: float = Field(0.9, gt=0.0, lt=1.0)
     age_head: AgeHead = "dldl"
     mirror_average: bool = False  # the saved model averages its predictions on each face and its mirror image
     age_bins: int = Field(101, ge=2, le=117)

@@ -65,11 +65,12 @@ def build_model(
     dropout: float = 0.2,
     age_head: str = "dldl",
     age_bins: int = 101,
+    bn_momentum: float = 0.9,
 ) -> keras.Model:
     """Build the two-output model; see the module docstring for the contract.
 
-    ``width`` is the first-stage channel count of the compact backbone (ignored by
-    keras.applications backbones). ``age_bins`` one-year bins cover ages
+    ``width`` is the first-stage channel count of the compact backbone and ``bn_momentum`` the
+    momentum of its BatchNorm moving statistics (both ignored by keras.applications backbones). ``age_bins`` one-year bins cover ages
     0..age_bins-1 (older targets are clipped by the losses).
     ``weights`` is a local file of pretrained weights for a keras.applications trunk (for example
     Keras' ImageNet "notop" file for that backbone, fetched once elsewhere): nothing is downloaded.
@@ -85,7 +86,7 @@ def build_model(
     inputs = keras.Input((image_size, image_size, 3), name="image")
     if backbone == "compact":
         x = layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(inputs)
-        features = _compact_backbone(x, width)
+        features = _compact_backbone(x, width, bn_momentum)
     else:
         features = _application_backbone(inputs, backbone, weights)
 
@@ -105,35 +106,50 @@ def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
 
 
-def _compact_backbone(x, width: int):
+def _compact_backbone(x, width: int, bn_momentum: float):
     """Residual CNN for CPU: a strided stem, then four stages at /2, /4, /8, /16.
 
     Plain 3x3 convs in the two high-resolution stages (depthwise convs are
     memory-bound on CPU there, dense ones use oneDNN well), separable convs in the
     deeper, wider stages where dense 3x3 weights would dominate size and FLOPs.
     """
-    x = _conv_bn(x, width, 3, strides=2, name="stem")
+    x = _conv_bn(x, width, 3, strides=2, bn_momentum=bn_momentum, name="stem")
     for stage, (mult, separable) in enumerate([(1, False), (2, False), (4, True), (8, True)]):
         x = _residual_block(
-            x, width * mult, strides=1 if stage == 0 else 2, separable=separable, name=f"stage{stage + 1}"
+            x,
+            width * mult,
+            strides=1 if stage == 0 else 2,
+            separable=separable,
+            bn_momentum=bn_momentum,
+            name=f"stage{stage + 1}",
         )
     return layers.GlobalAveragePooling2D(name="pool")(x)
 
 
-def _conv_bn(x, filters: int, kernel: int, *, strides: int = 1, separable: bool = False, relu: bool = True, name: str):
+def _conv_bn(
+    x,
+    filters: int,
+    kernel: int,
+    *,
+    strides: int = 1,
+    separable: bool = False,
+    relu: bool = True,
+    bn_momentum: float,
+    name: str,
+):
     conv = layers.SeparableConv2D if separable else layers.Conv2D
     x = conv(filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
-    # momentum 0.9: moving statistics settle within an epoch or two even on small (demo) datasets
-    x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 
-def _residual_block(x, filters: int, *, strides: int, separable: bool, name: str):
+def _residual_block(x, filters: int, *, strides: int, separable: bool, bn_momentum: float, name: str):
     shortcut = x
+    bn = {"bn_momentum": bn_momentum}
     if strides != 1 or x.shape[-1] != filters:
-        shortcut = _conv_bn(x, filters, 1, strides=strides, relu=False, name=f"{name}_proj")
-    y = _conv_bn(x, filters, 3, strides=strides, separable=separable, name=f"{name}_a")
-    y = _conv_bn(y, filters, 3, separable=separable, relu=False, name=f"{name}_b")
+        shortcut = _conv_bn(x, filters, 1, strides=strides, relu=False, **bn, name=f"{name}_proj")
+    y = _conv_bn(x, filters, 3, strides=strides, separable=separable, **bn, name=f"{name}_a")
+    y = _conv_bn(y, filters, 3, separable=separable, relu=False, **bn, name=f"{name}_b")
     y = layers.Add(name=f"{name}_add")([shortcut, y])
     return layers.ReLU(name=f"{name}_out")(y)
 

@@ -458,6 +458,7 @@ def build_for(cfg: TrainParams, image_size: int) -> keras.Model:
         image_size=image_size,
         weights=cfg.weights,
         width=cfg.width,
+        bn_momentum=cfg.bn_momentum,
         dropout=cfg.dropout,
         age_head=cfg.age_head,
         age_bins=cfg.age_bins,

@@ -87,3 +87,15 @@ def test_a_weight_average_is_what_each_epoch_scores_and_what_is_kept():
         scored[ema_momentum] = history["val_age_mae"]
     # Training is deterministic, so the scores differ only because the average was scored.
     assert scored[None] != pytest.approx(scored[0.5], rel=1e-3)
+
+
+@pytest.mark.parametrize("bn_momentum", [0.9, 0.99])
+def test_bn_momentum_reaches_every_batchnorm_layer(bn_momentum):
+    import keras
+
+    from agegender.config import TrainParams
+    from agegender.training import build_for
+
+    model = build_for(TrainParams(width=4, bn_momentum=bn_momentum), 32)
+    momenta = {layer.momentum for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)}
+    assert momenta == {bn_momentum}
