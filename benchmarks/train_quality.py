@@ -10,7 +10,7 @@ DIR/artifacts/model (what benchmarks/peer.py and benchmarks/service.py read; `--
 it DIR/mlflow.db's champion), others into DIR/artifacts/experiments/NAME. Each configuration's
 result is merged into --results (default benchmarks/results/train_quality.json; the 6-epoch
 comparisons go to train_ablation.json): test age MAE overall, 18+, per age bucket and per race
-group; gender accuracy overall and 18+; the same on grayscale chips, darkened (low light) and
+group; gender accuracy overall, 18+ and per age bucket; the same on grayscale chips, darkened (low light) and
 downscaled (small face) versions of the validation and test images; preprocessing and training
 wall time; inference ms/face at batch 32; model size; each goal of issue 14 met or not.
 """
@@ -272,6 +272,7 @@ def run_config(store: Path, config: str, register: bool) -> dict:
             for name, (op, bound) in GOALS.items()
         },
         "test_age_mae_by_bucket": test["age_mae_by_bucket"],
+        "test_gender_accuracy_by_bucket": test["gender_accuracy_by_bucket"],
         "test_by_race": test["by_race"],
         "robustness": robustness,
         "training_curve_csv": (out / "model/history.csv").read_text(),

@@ -60,15 +60,17 @@ def _predicted_gender(female_prob: np.ndarray) -> np.ndarray:
     return (np.asarray(female_prob) >= GENDER_THRESHOLD).astype(int)
 
 
-def _mae_by_bucket(age_true: np.ndarray, age_pred: np.ndarray, age_buckets: list[int]) -> dict:
-    """Age MAE of each bucket of true age, None for an empty bucket (keys stay stable)."""
+def _by_bucket(age_true: np.ndarray, age_buckets: list[int], score) -> dict:
+    """score(mask) for each bucket of true age, None for an empty bucket (keys stay stable)."""
     buckets = np.asarray(bucket_ages(age_true, age_buckets))
     return {
-        name: _round(mean_absolute_error(age_true[buckets == name], age_pred[buckets == name]))
-        if (buckets == name).any()
-        else None
+        name: _round(score(buckets == name)) if (buckets == name).any() else None
         for name in age_bucket_names(age_buckets)
     }
+
+
+def _mae_by_bucket(age_true: np.ndarray, age_pred: np.ndarray, age_buckets: list[int]) -> dict:
+    return _by_bucket(age_true, age_buckets, lambda m: mean_absolute_error(age_true[m], age_pred[m]))
 
 
 def compute_metrics(
@@ -84,7 +86,8 @@ def compute_metrics(
 
     Flat scalars: n_samples, age_mae, age_rmse, age_cs5, gender_accuracy, gender_f1,
     gender_roc_auc, gender_accuracy_18plus, age_mae_18plus, age_mae_group_gap, gender_accuracy_group_gap
-    (None where undefined). Nested: age_mae_by_bucket {bucket: mae},
+    (None where undefined). Nested: age_mae_by_bucket {bucket: mae}, gender_accuracy_by_bucket
+    {bucket: accuracy} (buckets of true age),
     gender_confusion_matrix [[tn, fp], [fn, tp]],
     by_race {name: {n_samples, age_mae, gender_accuracy}}.
     """
@@ -126,6 +129,9 @@ def compute_metrics(
         "age_mae_group_gap": _gap([g["age_mae"] for g in by_race.values()]),
         "gender_accuracy_group_gap": _gap([g["gender_accuracy"] for g in by_race.values()]),
         "age_mae_by_bucket": _mae_by_bucket(age_true, age_pred, age_buckets),
+        "gender_accuracy_by_bucket": _by_bucket(
+            age_true, age_buckets, lambda m: accuracy_score(gender_true[m], gender_pred[m])
+        ),
         "gender_confusion_matrix": [[tn, fp], [fn, tp]],
         "by_race": by_race,
     }

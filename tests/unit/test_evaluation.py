@@ -66,6 +66,15 @@ def test_gender_metrics_match_sklearn_and_hand_computed_values():
     assert m["gender_roc_auc"] == round(33 / 36, 4)
     assert m["gender_accuracy_18plus"] == round(7 / 9, 4)  # the 5, 12 and 15 year olds are out
     assert m["age_mae_18plus"] == 36 / 9  # |errors| of the nine adults: 3 4 6 0 2 2 2 10 7
+    # wrong: the 25 (0.4) and the 35 (0.6) year olds
+    assert m["gender_accuracy_by_bucket"] == {
+        "0-9": 1.0,
+        "10-19": 1.0,
+        "20-29": 0.5,
+        "30-44": 0.75,
+        "45-59": 1.0,
+        "60-116": 1.0,
+    }
 
 
 def test_race_groups_and_gaps():
