@@ -70,8 +70,8 @@ def build_model(
     """Build the two-output model; see the module docstring for the contract.
 
     ``width`` is the first-stage channel count of the compact backbone and ``bn_momentum`` the
-    momentum of its BatchNorm moving statistics (both ignored by keras.applications backbones). ``age_bins`` one-year bins cover ages
-    0..age_bins-1 (older targets are clipped by the losses).
+    momentum of its BatchNorm moving statistics (both ignored by keras.applications backbones).
+    ``age_bins`` one-year bins cover ages 0..age_bins-1 (older targets are clipped by the losses).
     ``weights`` is a local file of pretrained weights for a keras.applications trunk (for example
     Keras' ImageNet "notop" file for that backbone, fetched once elsewhere): nothing is downloaded.
     Raises ValueError for unknown names and for weights that are missing or do not fit the trunk.
@@ -145,11 +145,10 @@ def _conv_bn(
 
 def _residual_block(x, filters: int, *, strides: int, separable: bool, bn_momentum: float, name: str):
     shortcut = x
-    bn = {"bn_momentum": bn_momentum}
     if strides != 1 or x.shape[-1] != filters:
-        shortcut = _conv_bn(x, filters, 1, strides=strides, relu=False, **bn, name=f"{name}_proj")
-    y = _conv_bn(x, filters, 3, strides=strides, separable=separable, **bn, name=f"{name}_a")
-    y = _conv_bn(y, filters, 3, separable=separable, relu=False, **bn, name=f"{name}_b")
+        shortcut = _conv_bn(x, filters, 1, strides=strides, relu=False, bn_momentum=bn_momentum, name=f"{name}_proj")
+    y = _conv_bn(x, filters, 3, strides=strides, separable=separable, bn_momentum=bn_momentum, name=f"{name}_a")
+    y = _conv_bn(y, filters, 3, separable=separable, relu=False, bn_momentum=bn_momentum, name=f"{name}_b")
     y = layers.Add(name=f"{name}_add")([shortcut, y])
     return layers.ReLU(name=f"{name}_out")(y)
 

@@ -528,7 +528,7 @@ def compile_for_training(model: keras.Model, cfg: TrainParams, *, steps_per_epoc
         warmup_steps=warmup,
         alpha=0.01,
     )
-    ema = {"use_ema": cfg.ema_momentum is not None, "ema_momentum": cfg.ema_momentum or 0.99}
+    ema = {"use_ema": True, "ema_momentum": cfg.ema_momentum} if cfg.ema_momentum else {}
     optimizer = {
         "adamw": lambda: keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, **ema),
         "adam": lambda: keras.optimizers.Adam(schedule, **ema),
