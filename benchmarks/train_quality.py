@@ -57,6 +57,7 @@ MTCNN = {"detector": "mtcnn"}  # the default detector before BlazeFace
 BLAZEFACE = {"detector": "blazeface"}
 CONFIGS = {
     "recipe": {"train": RECIPE, "preprocess": BLAZEFACE},
+    "recipe-seed43": {"train": RECIPE | {"seed": 43}, "preprocess": BLAZEFACE},  # another draw of it
     "recipe-bn90": {"train": MIRRORED, "preprocess": BLAZEFACE},
     "recipe-bn90-gender3": {
         "train": MIRRORED | {"loss_weights": WIDE["loss_weights"] | {"gender": 3.0}},
