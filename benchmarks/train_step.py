@@ -1,0 +1,157 @@
+"""Where a training step of the real-data recipe's network spends its time, and what makes it cheaper.
+
+Run: .venv/bin/python benchmarks/train_step.py [--rounds 8] [--results FILE]
+Two measurements, on random images (a step's cost does not depend on the pixels), batch 64,
+under op determinism as in training:
+  * the wall time of one train step for variants of the recipe (input side, width, batch 128,
+    a fused BatchNorm kernel), timed in interleaved rounds so that a noisy shared machine
+    slows them alike; each reported as its median and its ratio to the recipe's;
+  * TensorFlow's profiler over 20 steps of the recipe: self time per op type, summed over
+    threads, as a share of the busy time.
+Writes benchmarks/results/train_step.json. About 5 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import agegender.model
+from agegender.training import build_for, compile_for_training
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.train_quality import params_for  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
+BATCH = 64
+# name: (input side, train overrides, batch, fused BatchNorm)
+VARIANTS = {
+    "recipe (64 px, width 32)": (64, {}, BATCH, False),
+    "56 px": (56, {}, BATCH, False),
+    "48 px": (48, {}, BATCH, False),
+    "40 px": (40, {}, BATCH, False),
+    "width 24": (64, {"width": 24}, BATCH, False),
+    "batch 128 (per 64 images)": (64, {}, 2 * BATCH, False),
+    "fused BatchNorm": (64, {}, BATCH, True),
+}
+
+
+class FusedBatchNorm(keras.layers.BatchNormalization):
+    """Keras 3's BatchNormalization on TensorFlow runs a dozen element-wise ops; this is TF's one kernel."""
+
+    def call(self, inputs, training=None, mask=None):
+        if not training:
+            return tf.compat.v1.nn.fused_batch_norm(
+                inputs,
+                self.gamma,
+                self.beta,
+                mean=self.moving_mean,
+                variance=self.moving_variance,
+                epsilon=self.epsilon,
+                is_training=False,
+            )[0]
+        out, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            inputs, self.gamma, self.beta, epsilon=self.epsilon, is_training=True
+        )
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1 - self.momentum))
+        return out
+
+
+def train_step(size: int, overrides: dict, batch: int, fused: bool):
+    """A compiled training model of the recipe's network and one batch for it."""
+    params = params_for("recipe")
+    cfg = params.train.model_copy(update=overrides)
+    keras.utils.set_random_seed(cfg.seed)
+    agegender.model.layers.BatchNormalization = FusedBatchNorm if fused else keras.layers.BatchNormalization
+    try:
+        fit = compile_for_training(build_for(cfg, size), cfg, steps_per_epoch=229)
+    finally:
+        agegender.model.layers.BatchNormalization = keras.layers.BatchNormalization
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32))
+    age = rng.integers(1, 90, (batch, 1)).astype(np.float32)
+    targets = {"age": age, "gender": rng.integers(0, 2, (batch, 1)).astype(np.float32), "age_logits": age}
+    for _ in range(3):  # trace and warm up
+        fit.train_on_batch(images, targets)
+    return fit, images, targets
+
+
+def variant_times(rounds: int) -> dict:
+    steps = {name: train_step(*spec) for name, spec in VARIANTS.items()}
+    times = {name: [] for name in steps}
+    for r in range(rounds):
+        print(f"round {r + 1}/{rounds}")
+        for name, (fit, images, targets) in steps.items():
+            start = time.perf_counter()
+            for _ in range(5):
+                fit.train_on_batch(images, targets)
+            times[name].append((time.perf_counter() - start) / 5 * BATCH / len(images))
+    base = float(np.median(times[next(iter(times))]))
+    return {
+        name: {
+            "ms_per_64_images": round(float(np.median(t)) * 1000, 1),
+            "ratio_to_recipe": round(float(np.median(t)) / base, 2),
+        }
+        for name, t in times.items()
+    }
+
+
+def op_profile(steps: int = 20) -> dict:
+    """Self time per op type over `steps` train steps of the recipe, from TensorFlow's profiler."""
+    from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as profiler_plugin
+
+    fit, images, targets = train_step(*VARIANTS["recipe (64 px, width 32)"])
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        for _ in range(steps):
+            fit.train_on_batch(images, targets)
+        tf.profiler.experimental.stop()
+        (xplane,) = glob.glob(f"{logdir}/plugins/profile/*/*.xplane.pb")
+        raw, _ = profiler_plugin.xspace_to_tools_data([xplane], "framework_op_stats", {})
+    table = json.loads(raw)[0]
+    columns = [c["id"] for c in table["cols"]]
+    by_type, by_block = collections.Counter(), collections.Counter()
+    for row in table["rows"]:
+        cells = dict(zip(columns, [c["v"] if c else None for c in row["c"]], strict=True))
+        if cells["type"] != "IDLE":
+            by_type[cells["type"]] += cells["total_self_time"]
+            block = re.search(r"(stem|stage\d)_", cells["operation"])
+            by_block[block.group(1) if block else "heads, loss, optimizer"] += cells["total_self_time"]
+    busy = sum(by_type.values())
+    return {
+        "busy_ms_per_step_over_threads": round(busy / steps / 1000, 1),
+        "share_by_op_type": {op: round(t / busy, 3) for op, t in by_type.most_common(12)},
+        "share_by_block": {block: round(t / busy, 3) for block, t in sorted(by_block.items())},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    tf.config.experimental.enable_op_determinism()
+    print("timing train-step variants in interleaved rounds")
+    result = {"variants": variant_times(args.rounds)}
+    print("profiling the recipe's train step")
+    result["recipe_op_profile"] = op_profile()
+    args.results.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()
