@@ -65,8 +65,8 @@ CONFIGS = {
     # A narrower network instead. Its epochs took 72 s against width 32's 78 s, not the 3/4 a short
     # measurement of its steps suggested: stopped at epoch 11, as 30 could not fit the time.
     "recipe-w24-30ep": {"train": RECIPE | {"width": 24, "epochs": 30}, "preprocess": BLAZEFACE},
-    # Smaller crops: conv backprop at 32x32 and 16x16 is most of a training step here (TF's profiler),
-    # and a train step at 48 px took 0.60 of 64 px's, at 56 px 0.82 (fused BatchNorm: 0.98; batch 128: 1.01).
+    # Smaller crops, as convolution backprop at 32x32 and 16x16 is most of a train step (benchmarks/
+    # train_step.py: a step at 48 px takes 0.58 of 64 px's, at 40 px 0.42). Both lost accuracy on test.
     "recipe-40px": {"train": RECIPE, "preprocess": BLAZEFACE | {"image_size": 40}},
     "recipe-48px": {"train": RECIPE, "preprocess": BLAZEFACE | {"image_size": 48}},
     "recipe-bn90": {"train": MIRRORED, "preprocess": BLAZEFACE},
