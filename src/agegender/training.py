@@ -384,12 +384,13 @@ def train_one(
                 "lower train.learning_rate or check the labels. No model was written."
             )
         metrics = score(model, val, prefix="val_")
+        first_kept = cfg.low_res.epochs if cfg.low_res else 0  # the earlier epochs scored smaller crops
         metrics.update(
             {
                 "train_seconds": round(seconds, 1),
                 "train_images_per_s": round(len(history["loss"]) * len(train["age"]) / seconds, 1),
                 "epochs_run": len(history["loss"]),
-                "best_epoch": int(np.argmin(history["val_age_mae"])) + 1,
+                "best_epoch": first_kept + int(np.argmin(history["val_age_mae"][first_kept:])) + 1,
             }
         )
         # Logged after the per-epoch points, so the run's latest value is the restored best model's.
@@ -423,36 +424,50 @@ def train_model(
     strategy = strategy_for(cluster)  # first: a multi-worker strategy sets up TensorFlow's collective ops
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()
+    # (crop size, last epoch) per phase; one model and optimizer go through them, so the schedule runs on.
+    phases = [(cfg.low_res.size, cfg.low_res.epochs)] if cfg.low_res else []
+    phases.append((image_size, cfg.epochs))
+    history: dict[str, list] = {}
     with strategy.scope():
-        model = build_for(cfg, image_size)
+        model = build_for(cfg, None if cfg.low_res else image_size)
         fit_model = compile_for_training(model, cfg, steps_per_epoch=max(1, len(train["age"]) // cfg.batch_size))
         if cluster is not None:
             fit_for_multi_worker(fit_model)
-        history = fit_model.fit(
-            make_dataset(train, cfg, training=True),
-            validation_data=make_dataset(val, cfg, training=False),
-            epochs=cfg.epochs,
-            callbacks=[
-                keras.callbacks.TerminateOnNaN(),
-                # Before EarlyStopping: each epoch's averaged weights are the ones it scores and keeps.
-                *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema_momentum else []),
-                keras.callbacks.EarlyStopping(
-                    monitor="val_age_mae", mode="min", patience=cfg.patience, restore_best_weights=True
-                ),
-                *callbacks,
-            ],
-            verbose=verbose,
-        ).history
-    if cluster is not None:
-        # A model built under the multi-worker strategy predicts only with every worker taking part.
+        for size, last_epoch in phases:
+            # Only full-size epochs compete to be kept: the model serves full-size crops.
+            early_stop = keras.callbacks.EarlyStopping(
+                monitor="val_age_mae", mode="min", patience=cfg.patience, restore_best_weights=True
+            )
+            keep_best = [early_stop] if size == image_size else []
+            phase = fit_model.fit(
+                make_dataset(train, cfg, training=True, size=size),
+                validation_data=make_dataset(val, cfg, training=False, size=size),
+                initial_epoch=len(history.get("loss", [])),
+                epochs=last_epoch,
+                callbacks=[
+                    keras.callbacks.TerminateOnNaN(),
+                    # Before EarlyStopping: each epoch's averaged weights are the ones it scores and keeps.
+                    *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema_momentum else []),
+                    *keep_best,
+                    *callbacks,
+                ],
+                verbose=verbose,
+            ).history
+            for key, values in phase.items():
+                history.setdefault(key, []).extend(values)
+            if fit_model.stop_training:  # TerminateOnNaN
+                break
+    if cluster is not None or cfg.low_res:
+        # A model built under the multi-worker strategy predicts only with every worker taking part,
+        # and one built for any crop size would not say which size it serves.
         local = build_for(cfg, image_size)
         local.set_weights(model.get_weights())
         model = local
     return (mirror_averaged(model) if cfg.mirror_average else model), history
 
 
-def build_for(cfg: TrainParams, image_size: int) -> keras.Model:
-    """The untrained network cfg describes."""
+def build_for(cfg: TrainParams, image_size: int | None) -> keras.Model:
+    """The untrained network cfg describes; image_size None: for crops of any size."""
     return build_model(
         backbone=cfg.backbone,
         image_size=image_size,
@@ -563,8 +578,18 @@ def make_augmenter(cfg: TrainParams) -> keras.Sequential:
     return keras.Sequential(steps, name="augment")
 
 
-def make_dataset(split: dict, cfg: TrainParams, *, training: bool) -> tf.data.Dataset:
-    """Batches of (float images, targets): cached, shuffled and augmented in parallel for training."""
+def make_dataset(split: dict, cfg: TrainParams, *, training: bool, size: int | None = None) -> tf.data.Dataset:
+    """Batches of (float images, targets): cached, shuffled and augmented in parallel for training.
+
+    size: scale the crops down to size x size first (train.low_res).
+    """
+
+    def to_float(images):
+        images = tf.cast(images, tf.float32)
+        if size is None or size == split["images"].shape[1]:
+            return images
+        return tf.image.resize(images, (size, size), method="area")  # as cv2.INTER_AREA makes smaller crops
+
     targets = {"age": split["age"][:, None], "gender": split["gender"][:, None]}
     if cfg.age_head != "regression":
         targets["age_logits"] = split["age"][:, None]
@@ -580,7 +605,7 @@ def make_dataset(split: dict, cfg: TrainParams, *, training: bool) -> tf.data.Da
     # Full training batches only: a small last batch makes noisy BatchNorm statistics, and
     # oneDNN's conv backward pass in TF 2.21 corrupts memory on some odd batch sizes (seen with 15).
     data = data.batch(cfg.batch_size, drop_remainder=training).map(
-        lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE
+        lambda x, y: (to_float(x), y), num_parallel_calls=tf.data.AUTOTUNE
     )
     augment = make_augmenter(cfg)
     if training and augment.layers:

@@ -44,6 +44,15 @@ def test_project_params_load():
             "candidates.0 (a).train: 'width': Input should be greater than or equal to 4",
         ),
         ("candidates: [{name: a}, {name: a}]", "candidate names must be unique"),
+        ("train: {epochs: 5, low_res: {size: 40, epochs: 5}}", "low_res.epochs (5) must be fewer than epochs (5)"),
+        (
+            "train: {backbone: vgg16, low_res: {size: 40, epochs: 2}}",
+            "low_res needs the compact backbone; vgg16 is built for one crop size",
+        ),
+        (
+            "candidates: [{name: a, train: {low_res: {size: 64, epochs: 2}}}]",
+            "candidate a: train.low_res.size (64) must be smaller than preprocess.image_size (64)",
+        ),
         ("candidates: []", "'candidates': List should have at least 1 item"),
         ("a: [", "not valid YAML"),
     ],

@@ -89,6 +89,37 @@ def test_a_weight_average_is_what_each_epoch_scores_and_what_is_kept():
     assert scored[None] != pytest.approx(scored[0.5], rel=1e-3)
 
 
+def test_low_res_crops_are_the_chips_scaled_down():
+    from agegender.config import TrainParams
+    from agegender.training import make_dataset
+
+    faces = random_faces(32, seed=2)
+    faces["images"][:] = np.arange(32, dtype=np.uint8)[None, :, None, None] * 4  # a ramp down the rows
+    cfg = TrainParams(batch_size=16)
+    images, _ = next(iter(make_dataset(faces, cfg, training=False, size=16)))
+    assert images.shape == (16, 16, 16, 3)
+    np.testing.assert_allclose(images[0, :, 0, 0], np.arange(16) * 8 + 2)  # each pixel the mean of two
+
+
+def test_low_res_epochs_come_first_and_the_model_kept_is_from_a_full_size_epoch():
+    from agegender.config import LowResParams, TrainParams
+    from agegender.training import train_model
+
+    faces = random_faces(32, seed=3)
+    images = faces["images"].astype(np.float32)
+    trained = {}
+    for low_res in (None, LowResParams(size=16, epochs=1)):
+        cfg = TrainParams(width=4, epochs=3, batch_size=16, patience=3, learning_rate=0.05, low_res=low_res)
+        model, history = train_model(cfg, 32, faces, faces, callbacks=[], verbose=0)
+        assert model.input.shape == (None, 32, 32, 3)
+        assert len(history["loss"]) == 3
+        ages = np.asarray(model.predict_on_batch(images)["age"]).ravel()
+        assert np.mean(np.abs(ages - faces["age"])) == pytest.approx(min(history["val_age_mae"][1:]), rel=1e-4)
+        trained[low_res] = history["val_age_mae"][0]
+    # Training is deterministic, so the first epochs differ only because one saw smaller crops.
+    assert trained[None] != pytest.approx(trained[LowResParams(size=16, epochs=1)], rel=1e-3)
+
+
 @pytest.mark.parametrize("bn_momentum", [0.9, 0.99])
 def test_bn_momentum_reaches_every_batchnorm_layer(bn_momentum):
     import keras
