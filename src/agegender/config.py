@@ -102,7 +102,7 @@ class LossWeights(Section):
 
 
 class LowResParams(Section):
-    """The first epochs train on the crops scaled down to `size` px, the rest at preprocess.image_size.
+    """The first epochs train on `size` px images made from the crops, the rest at preprocess.image_size.
 
     The compact network is convolutional up to a global average, so its weights fit any crop size;
     a 40 px step costs about 0.42 of a 64 px one (benchmarks/results/train_step.json).
@@ -110,6 +110,9 @@ class LowResParams(Section):
 
     size: int = Field(ge=16, le=512)
     epochs: int = Field(ge=1)
+    # false: the crops scaled down. true: windows of them at full scale (random in training, central for
+    # validation), so the network sees faces at the scale it serves.
+    window: bool = False
 
 
 class TrainParams(Section):

@@ -424,24 +424,24 @@ def train_model(
     strategy = strategy_for(cluster)  # first: a multi-worker strategy sets up TensorFlow's collective ops
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()
-    # (crop size, last epoch) per phase; one model and optimizer go through them, so the schedule runs on.
-    phases = [(cfg.low_res.size, cfg.low_res.epochs)] if cfg.low_res else []
-    phases.append((image_size, cfg.epochs))
+    # (crop size, window, last epoch) per phase; one model and optimizer go through them, so the schedule runs on.
+    phases = [(cfg.low_res.size, cfg.low_res.window, cfg.low_res.epochs)] if cfg.low_res else []
+    phases.append((image_size, False, cfg.epochs))
     history: dict[str, list] = {}
     with strategy.scope():
         model = build_for(cfg, None if cfg.low_res else image_size)
         fit_model = compile_for_training(model, cfg, steps_per_epoch=max(1, len(train["age"]) // cfg.batch_size))
         if cluster is not None:
             fit_for_multi_worker(fit_model)
-        for size, last_epoch in phases:
+        for size, window, last_epoch in phases:
             # Only full-size epochs compete to be kept: the model serves full-size crops.
             early_stop = keras.callbacks.EarlyStopping(
                 monitor="val_age_mae", mode="min", patience=cfg.patience, restore_best_weights=True
             )
             keep_best = [early_stop] if size == image_size else []
             phase = fit_model.fit(
-                make_dataset(train, cfg, training=True, size=size),
-                validation_data=make_dataset(val, cfg, training=False, size=size),
+                make_dataset(train, cfg, training=True, size=size, window=window),
+                validation_data=make_dataset(val, cfg, training=False, size=size, window=window),
                 initial_epoch=len(history.get("loss", [])),
                 epochs=last_epoch,
                 callbacks=[
@@ -578,17 +578,23 @@ def make_augmenter(cfg: TrainParams) -> keras.Sequential:
     return keras.Sequential(steps, name="augment")
 
 
-def make_dataset(split: dict, cfg: TrainParams, *, training: bool, size: int | None = None) -> tf.data.Dataset:
+def make_dataset(
+    split: dict, cfg: TrainParams, *, training: bool, size: int | None = None, window: bool = False
+) -> tf.data.Dataset:
     """Batches of (float images, targets): cached, shuffled and augmented in parallel for training.
 
-    size: scale the crops down to size x size first (train.low_res).
+    size: make size x size images of the crops first (train.low_res), by scaling them down or, with
+    window, cutting a window of them (random per training batch, central otherwise).
     """
+    if size is None or size == split["images"].shape[1]:
+        shrink = keras.layers.Identity()
+    elif window:
+        shrink = keras.layers.RandomCrop(size, size, seed=cfg.seed) if training else keras.layers.CenterCrop(size, size)
+    else:
+        shrink = keras.layers.Resizing(size, size, interpolation="area")  # as cv2.INTER_AREA makes smaller crops
 
     def to_float(images):
-        images = tf.cast(images, tf.float32)
-        if size is None or size == split["images"].shape[1]:
-            return images
-        return tf.image.resize(images, (size, size), method="area")  # as cv2.INTER_AREA makes smaller crops
+        return shrink(tf.cast(images, tf.float32), training=training)
 
     targets = {"age": split["age"][:, None], "gender": split["gender"][:, None]}
     if cfg.age_head != "regression":

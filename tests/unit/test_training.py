@@ -89,16 +89,25 @@ def test_a_weight_average_is_what_each_epoch_scores_and_what_is_kept():
     assert scored[None] != pytest.approx(scored[0.5], rel=1e-3)
 
 
-def test_low_res_crops_are_the_chips_scaled_down():
-    from agegender.config import TrainParams
+def test_low_res_images_are_the_crops_scaled_down_or_windows_of_them():
+    from agegender.config import AugmentParams, TrainParams
     from agegender.training import make_dataset
 
     faces = random_faces(32, seed=2)
     faces["images"][:] = np.arange(32, dtype=np.uint8)[None, :, None, None] * 4  # a ramp down the rows
-    cfg = TrainParams(batch_size=16)
-    images, _ = next(iter(make_dataset(faces, cfg, training=False, size=16)))
-    assert images.shape == (16, 16, 16, 3)
-    np.testing.assert_allclose(images[0, :, 0, 0], np.arange(16) * 8 + 2)  # each pixel the mean of two
+    # Flip only: it leaves a ramp down the rows as it is.
+    flip = AugmentParams(flip=True, rotation=0, shift=0, zoom=0, brightness=0, contrast=0)
+    cfg = TrainParams(batch_size=16, augment=flip)
+
+    def first_column(**kwargs) -> np.ndarray:
+        images, _ = next(iter(make_dataset(faces, cfg, size=16, **kwargs)))
+        assert images.shape == (16, 16, 16, 3)
+        return np.asarray(images[0, :, 0, 0])
+
+    np.testing.assert_allclose(first_column(training=False), np.arange(16) * 8 + 2)  # each pixel the mean of two
+    np.testing.assert_allclose(first_column(training=False, window=True), np.arange(8, 24) * 4)  # the centre
+    top = first_column(training=True, window=True)[0]  # a window at full scale, somewhere in the crop
+    np.testing.assert_allclose(first_column(training=True, window=True), top + np.arange(16) * 4)
 
 
 def test_low_res_epochs_come_first_and_the_model_kept_is_from_a_full_size_epoch():
