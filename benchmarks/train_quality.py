@@ -70,7 +70,8 @@ CONFIGS = {
     "recipe-40px": {"train": RECIPE, "preprocess": BLAZEFACE | {"image_size": 40}},
     "recipe-48px": {"train": RECIPE, "preprocess": BLAZEFACE | {"image_size": 48}},
     # Progressive resizing: the first 34 epochs on 40 px images (a step takes 0.42 of 64 px's time), made
-    # by scaling the crops down, or as 40 px windows of them: faces at the scale the model serves.
+    # by scaling the crops down, or as 40 px windows of them: faces at the scale the model serves. Both
+    # lost over a year of MAE: after the switch, 6 epochs at a low learning rate did not relearn the scale.
     "recipe-lowres40": {"train": RECIPE | {"low_res": {"size": 40, "epochs": 34}}, "preprocess": BLAZEFACE},
     "recipe-lowres40-window": {
         "train": RECIPE | {"low_res": {"size": 40, "epochs": 34, "window": True}},
