@@ -6,9 +6,11 @@ under op determinism as in training:
   * the wall time of one train step for variants of the recipe (input side, width, batch 128,
     Keras' own BatchNormalization instead of the fused kernel), timed in interleaved rounds so
     that a noisy shared machine slows them alike; each reported as its median and its ratio to the recipe's;
+  * the recipe's step with oneDNN's kernels and with TensorFlow's default ones, in child processes
+    taking turns (a process picks its kernels when TensorFlow loads);
   * TensorFlow's profiler over 20 steps of the recipe: self time per op type, summed over
     threads, as a share of the busy time.
-Writes benchmarks/results/train_step.json. About 5 minutes on 2 cores.
+Writes benchmarks/results/train_step.json. About 8 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import argparse
 import collections
 import glob
 import json
+import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -122,14 +126,58 @@ def op_profile(steps: int = 20) -> dict:
     }
 
 
+def kernel_times(rounds: int) -> dict:
+    """The recipe's train step with oneDNN's kernels and with TensorFlow's default ones.
+
+    A process chooses its kernels once, when TensorFlow loads: each round times both in child processes.
+    """
+    times = {"oneDNN (agegender's default)": [], "TensorFlow's default kernels": []}
+    for r in range(rounds):
+        print(f"kernels round {r + 1}/{rounds}")
+        for name, setting in zip(times, ("1", "0"), strict=True):
+            child = [sys.executable, __file__, "--recipe-ms"]
+            done = subprocess.run(
+                child, env=os.environ | {"TF_ENABLE_ONEDNN_OPTS": setting}, capture_output=True, text=True
+            )
+            if done.returncode != 0:
+                raise SystemExit(f"{name}: {done.stderr[-2000:]}")
+            times[name].append(float(done.stdout.split()[-1]))
+    base = float(np.median(times["oneDNN (agegender's default)"]))
+    return {
+        name: {
+            "ms_per_64_images": round(float(np.median(t)), 1),
+            "ratio_to_recipe": round(float(np.median(t)) / base, 2),
+        }
+        for name, t in times.items()
+    }
+
+
+def recipe_ms() -> float:
+    """Median ms of the recipe's train step over 5 runs of 5 steps, in this process."""
+    fit, images, targets = train_step(*VARIANTS[RECIPE])
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(5):
+            fit.train_on_batch(images, targets)
+        runs.append((time.perf_counter() - start) / 5 * 1000)
+    return float(np.median(runs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--recipe-ms", action="store_true", help=argparse.SUPPRESS)  # kernel_times' child
     args = parser.parse_args()
     tf.config.experimental.enable_op_determinism()
+    if args.recipe_ms:
+        print(recipe_ms())
+        return
     print("timing train-step variants in interleaved rounds")
     result = {"variants": variant_times(args.rounds)}
+    print("timing the recipe's train step with and without oneDNN, in child processes")
+    result["kernels"] = kernel_times(max(2, args.rounds // 2))
     print("profiling the recipe's train step")
     result["recipe_op_profile"] = op_profile()
     args.results.write_text(json.dumps(result, indent=2) + "\n")
