@@ -82,16 +82,26 @@ def variant_times(rounds: int) -> dict:
     times = {name: [] for name in steps}
     for r in range(rounds):
         print(f"round {r + 1}/{rounds}")
-        for name, (fit, images, targets) in steps.items():
-            start = time.perf_counter()
-            for _ in range(5):
-                fit.train_on_batch(images, targets)
-            times[name].append((time.perf_counter() - start) / 5 * BATCH / len(images))
-    base = float(np.median(times[RECIPE]))
+        for name, step in steps.items():
+            times[name].append(seconds_per_64_images(*step))
+    return summarise(times, base=RECIPE)
+
+
+def seconds_per_64_images(fit, images, targets) -> float:
+    """The mean time of 5 train steps, per 64 images."""
+    start = time.perf_counter()
+    for _ in range(5):
+        fit.train_on_batch(images, targets)
+    return (time.perf_counter() - start) / 5 * BATCH / len(images)
+
+
+def summarise(times: dict[str, list[float]], *, base: str) -> dict:
+    """Each entry's median in ms per 64 images and its ratio to the median of entry `base`."""
+    base_median = float(np.median(times[base]))
     return {
         name: {
             "ms_per_64_images": round(float(np.median(t)) * 1000, 1),
-            "ratio_to_recipe": round(float(np.median(t)) / base, 2),
+            "ratio_to_recipe": round(float(np.median(t)) / base_median, 2),
         }
         for name, t in times.items()
     }
@@ -135,44 +145,31 @@ def kernel_times(rounds: int) -> dict:
     for r in range(rounds):
         print(f"kernels round {r + 1}/{rounds}")
         for name, setting in zip(times, ("1", "0"), strict=True):
-            child = [sys.executable, __file__, "--recipe-ms"]
+            child = [sys.executable, __file__, "--recipe-seconds"]
             done = subprocess.run(
                 child, env=os.environ | {"TF_ENABLE_ONEDNN_OPTS": setting}, capture_output=True, text=True
             )
             if done.returncode != 0:
                 raise SystemExit(f"{name}: {done.stderr[-2000:]}")
             times[name].append(float(done.stdout.split()[-1]))
-    base = float(np.median(times["oneDNN (agegender's default)"]))
-    return {
-        name: {
-            "ms_per_64_images": round(float(np.median(t)), 1),
-            "ratio_to_recipe": round(float(np.median(t)) / base, 2),
-        }
-        for name, t in times.items()
-    }
+    return summarise(times, base="oneDNN (agegender's default)")
 
 
-def recipe_ms() -> float:
-    """Median ms of the recipe's train step over 5 runs of 5 steps, in this process."""
-    fit, images, targets = train_step(*VARIANTS[RECIPE])
-    runs = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(5):
-            fit.train_on_batch(images, targets)
-        runs.append((time.perf_counter() - start) / 5 * 1000)
-    return float(np.median(runs))
+def recipe_seconds() -> float:
+    """The median of 5 timings of the recipe's train step (seconds per 64 images), in this process."""
+    step = train_step(*VARIANTS[RECIPE])
+    return float(np.median([seconds_per_64_images(*step) for _ in range(5)]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--recipe-ms", action="store_true", help=argparse.SUPPRESS)  # kernel_times' child
+    parser.add_argument("--recipe-seconds", action="store_true", help=argparse.SUPPRESS)  # kernel_times' child
     args = parser.parse_args()
     tf.config.experimental.enable_op_determinism()
-    if args.recipe_ms:
-        print(recipe_ms())
+    if args.recipe_seconds:
+        print(recipe_seconds())
         return
     print("timing train-step variants in interleaved rounds")
     result = {"variants": variant_times(args.rounds)}

@@ -65,6 +65,7 @@ class FusedBatchNorm(layers.BatchNormalization):
     makes a train step of the compact network 1.12x faster on CPU (benchmarks/train_step.py). The
     variables and the moving-average rule are Keras', so inference and saved files work as with the
     Keras layer.
+
     For 4-D channels-last inputs with a scale and an offset, as the compact backbone's. Synchronized
     (across multi-worker replicas) it normalises as the Keras layer does, which owns that.
     """
