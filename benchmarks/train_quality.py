@@ -65,6 +65,10 @@ CONFIGS = {
     # A narrower network instead. Its epochs took 72 s against width 32's 78 s, not the 3/4 a short
     # measurement of its steps suggested: stopped at epoch 11, as 30 could not fit the time.
     "recipe-w24-30ep": {"train": RECIPE | {"width": 24, "epochs": 30}, "preprocess": BLAZEFACE},
+    # On oneDNN a width-24 step takes 0.60 of width 32's (benchmarks/train_step.py), where it took 0.86 on
+    # the default kernels: its epochs took 41-46 s against 57-74 s, so 40 of them may fit 30 minutes.
+    "recipe-w24": {"train": RECIPE | {"width": 24}, "preprocess": BLAZEFACE},
+    "recipe-w24-seed43": {"train": RECIPE | {"width": 24, "seed": 43}, "preprocess": BLAZEFACE},
     # Smaller crops, as convolution backprop at 32x32 and 16x16 is most of a train step (benchmarks/
     # train_step.py: a step at 48 px takes 0.58 of 64 px's, at 40 px 0.42). Both lost accuracy on test.
     "recipe-40px": {"train": RECIPE, "preprocess": BLAZEFACE | {"image_size": 40}},
