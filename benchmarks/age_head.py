@@ -20,6 +20,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import agegender  # noqa: F401  # before TensorFlow loads: it turns TensorFlow's oneDNN kernels on, as in training
+
+# isort: split
+
 import cv2
 import keras
 import numpy as np
