@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import agegender  # noqa: F401  # before TensorFlow loads: it turns TensorFlow's oneDNN kernels on, as in training
+import agegender  # noqa: F401  # before TensorFlow loads: it chooses TensorFlow's CPU kernels, as in training
 
 # isort: split
 
@@ -31,6 +31,7 @@ import tensorflow as tf
 from sklearn.model_selection import train_test_split
 
 from agegender.model import age_logits_loss, build_model, training_view
+from agegender.training import cpu_kernels
 
 DATA = Path(__file__).resolve().parents[1] / "../shared/datasets/utkface-part1"
 RESULTS = Path(__file__).resolve().parent / "results" / "age_head.json"
@@ -291,6 +292,7 @@ def run_one(cfg: RunConfig, faces: dict, splits: dict) -> dict:
         "test": evaluate(model, *data["test"]),
         "file_mb": round(path.stat().st_size / 2**20, 3),
         **measure_inference(path, cfg.image_size),
+        "cpu_kernels": cpu_kernels(),
         "loadavg_before": [round(v, 2) for v in load_before],
         "loadavg_after": [round(v, 2) for v in os.getloadavg()],
     }

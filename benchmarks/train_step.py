@@ -7,7 +7,8 @@ under op determinism as in training:
     Keras' own BatchNormalization instead of the fused kernel), timed in interleaved rounds so
     that a noisy shared machine slows them alike; each reported as its median and its ratio to the recipe's;
   * the recipe's step with oneDNN's kernels and with TensorFlow's default ones, in child processes
-    taking turns (a process picks its kernels when TensorFlow loads);
+    taking turns (a process picks its kernels when TensorFlow loads; the variants and the profile use
+    this process's: results/train_step.json is from TF_ENABLE_ONEDNN_OPTS=1, oneDNN's);
   * TensorFlow's profiler over 20 steps of the recipe: self time per op type, summed over
     threads, as a share of the busy time.
 Writes benchmarks/results/train_step.json. About 8 minutes on 2 cores.
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 from unittest import mock
 
-import agegender  # noqa: F401  # before TensorFlow loads: it turns TensorFlow's oneDNN kernels on, as in training
+import agegender  # noqa: F401  # before TensorFlow loads: it chooses TensorFlow's CPU kernels, as in training
 
 # isort: split
 import keras
@@ -36,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from agegender import model
-from agegender.training import build_for, compile_for_training
+from agegender.training import build_for, compile_for_training, cpu_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -141,7 +142,7 @@ def kernel_times(rounds: int) -> dict:
 
     A process chooses its kernels once, when TensorFlow loads: each round times both in child processes.
     """
-    times = {"oneDNN (agegender's default)": [], "TensorFlow's default kernels": []}
+    times = {"oneDNN (TF_ENABLE_ONEDNN_OPTS=1)": [], "TensorFlow's default kernels (agegender's default)": []}
     for r in range(rounds):
         print(f"kernels round {r + 1}/{rounds}")
         for name, setting in zip(times, ("1", "0"), strict=True):
@@ -152,7 +153,7 @@ def kernel_times(rounds: int) -> dict:
             if done.returncode != 0:
                 raise SystemExit(f"{name}: {done.stderr[-2000:]}")
             times[name].append(float(done.stdout.split()[-1]))
-    return summarise(times, base="oneDNN (agegender's default)")
+    return summarise(times, base="oneDNN (TF_ENABLE_ONEDNN_OPTS=1)")
 
 
 def recipe_seconds() -> float:
@@ -172,7 +173,7 @@ def main() -> None:
         print(recipe_seconds())
         return
     print("timing train-step variants in interleaved rounds")
-    result = {"variants": variant_times(args.rounds)}
+    result = {"cpu_kernels": cpu_kernels(), "variants": variant_times(args.rounds)}
     print("timing the recipe's train step with and without oneDNN, in child processes")
     result["kernels"] = kernel_times(max(2, args.rounds // 2))
     print("profiling the recipe's train step")

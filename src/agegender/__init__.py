@@ -2,7 +2,7 @@
 
 import os
 
-# TensorFlow turns its oneDNN kernels on by itself only on CPUs with AVX-512 VNNI, BF16 or AMX. On an
-# AVX2 CPU they still make a train step of the compact network 1.35x faster (benchmarks/train_step.py).
-# It must be set before TensorFlow is imported; TF_ENABLE_ONEDNN_OPTS=0 turns it off.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+# Reproducible training first: oneDNN's kernels round differently from run to run, and TensorFlow
+# turns them on by itself on CPUs with AVX-512 VNNI, BF16 or AMX. TF_ENABLE_ONEDNN_OPTS=1 chooses them
+# (a train step 1.35x faster on an AVX2 CPU). It must be set before TensorFlow is imported.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")

@@ -362,6 +362,7 @@ def train_one(
                 "git_commit": git_commit,
                 "trained_on": spec.trained_on,
                 "candidate": name,
+                "cpu_kernels": cpu_kernels(),  # "default" ones are bit for bit reproducible, oneDNN's faster
                 "mlflow.note.content": describe_run(spec, stats),
             }
         )
@@ -403,6 +404,18 @@ def train_one(
     return CandidateRun(name=name, run_id=run.info.run_id, metrics=metrics, folder=folder)
 
 
+def cpu_kernels() -> str:
+    """The CPU kernels this process's TensorFlow trains on: "oneDNN" or "default".
+
+    TensorFlow chooses once, when it loads: oneDNN's only on CPUs with AVX-512 VNNI, BF16 or AMX,
+    or when TF_ENABLE_ONEDNN_OPTS=1. On an AVX2 CPU they make a train step of the real-data recipe's
+    network 1.35x faster (benchmarks/train_step.py), but they round differently from run to run.
+    """
+    from tensorflow.python.util import _pywrap_util_port  # TensorFlow's only report of the choice
+
+    return "oneDNN" if _pywrap_util_port.IsMklEnabled() else "default"
+
+
 def train_model(
     cfg: TrainParams,
     image_size: int,
@@ -413,11 +426,13 @@ def train_model(
     verbose: int = 2,
     cluster: Cluster | None = None,
 ) -> tuple[keras.Model, dict]:
-    """Build and fit one model; its history. The same cfg and data give the same weights, run after run.
+    """Build and fit one model; its history. The same cfg and data give the same weights, run after run,
+    on TensorFlow's default CPU kernels.
 
     Without op determinism the parallel augmentation map hands its shared random state to
     batches in a varying order, so one config trained twice differed (val MAE 4.92 and 5.13,
-    issue 14). Determinism makes TensorFlow run that map serially instead.
+    issue 14). Determinism makes TensorFlow run that map serially instead. oneDNN's kernels
+    (`cpu_kernels`) ignore it: 1 of 11 refits of a tiny model on them ended with a weight 5e-5 apart.
     In a multi-worker `cluster` every worker calls this with the same arguments and they fit one
     model together; each gets a copy of the trained model that predicts and saves on its own.
     """

@@ -55,6 +55,7 @@ def test_repro_trains_and_tracks_in_mlflow(trained_repo):
     data_md5 = yaml.safe_load((trained_repo / "data.dvc").read_text())["outs"][0]["md5"].removesuffix(".dir")
     assert run_info.data.tags["data_version"] == data_md5
     assert run_info.data.tags["git_commit"] != "unknown"
+    assert run_info.data.tags["cpu_kernels"] == "default"
     history = client.get_metric_history(run_info.info.run_id, "val_age_mae")
     # One point per epoch (steps 0, 1), then the restored best model's score.
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1, 2]
