@@ -13,7 +13,7 @@ comparisons go to train_ablation.json): test age MAE overall, 18+, per age bucke
 group; gender accuracy overall, 18+ and per age bucket; the same on grayscale chips, darkened (low light) and
 downscaled (small face) versions of the validation and test images; preprocessing and training
 wall time; inference ms/face at batch 32; model size; each goal of issue 14 met or not; the CPU
-kernels (the runs recorded were made with TF_ENABLE_ONEDNN_OPTS=1, oneDNN's: 1.35x faster a step).
+kernels (the runs before that field were made on oneDNN's, then agegender's default).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ CONFIGS = {
     # A narrower network instead. Its epochs took 72 s against width 32's 78 s, not the 3/4 a short
     # measurement of its steps suggested: stopped at epoch 11, as 30 could not fit the time.
     "recipe-w24-30ep": {"train": RECIPE | {"width": 24, "epochs": 30}, "preprocess": BLAZEFACE},
-    # On oneDNN a width-24 step takes 0.60 of width 32's (benchmarks/train_step.py), where it took 0.86 on
+    # On oneDNN (AVX2) a width-24 step took 0.60 of width 32's (benchmarks/train_step.py), where it took 0.86 on
     # the default kernels: its epochs took 41-46 s against 57-74 s, so 40 of them may fit 30 minutes.
     "recipe-w24": {"train": RECIPE | {"width": 24}, "preprocess": BLAZEFACE},
     "recipe-w24-seed43": {"train": RECIPE | {"width": 24, "seed": 43}, "preprocess": BLAZEFACE},

@@ -62,7 +62,7 @@ class FusedBatchNorm(layers.BatchNormalization):
     """Keras' BatchNormalization, trained with TensorFlow's fused kernel.
 
     Keras 3 normalises with a dozen element-wise ops and their gradients; TensorFlow's single kernel
-    makes a train step of the compact network 1.12x faster on CPU (benchmarks/train_step.py). The
+    makes a train step of the compact network 1.12-1.16x faster on CPU (benchmarks/train_step.py). The
     variables and the moving-average rule are Keras', so inference and saved files work as with the
     Keras layer.
 
