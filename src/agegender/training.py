@@ -433,7 +433,7 @@ def train_model(
     Without op determinism the parallel augmentation map hands its shared random state to
     batches in a varying order, so one config trained twice differed (val MAE 4.92 and 5.13,
     issue 14). Determinism makes TensorFlow run that map serially instead. oneDNN's kernels
-    (`cpu_kernels`) ignore it: 1 of 11 refits of a tiny model on them ended with a weight 5e-5 apart.
+    (`cpu_kernels`) ignore it: on an AVX2 CPU 1 fit in 12 of a tiny model ended with a weight 5e-5 apart.
     In a multi-worker `cluster` every worker calls this with the same arguments and they fit one
     model together; each gets a copy of the trained model that predicts and saves on its own.
     """
