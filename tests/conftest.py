@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import agegender  # noqa: F401  # before any test module loads TensorFlow: it chooses TensorFlow's CPU kernels
+
 PROJECT = Path(__file__).resolve().parents[1]
 UTKFACE = PROJECT.parent / "shared" / "datasets" / "utkface-part1"
 MALFORMED = ["61_1_20170109142408075.jpg.chip.jpg", "61_3_20170109150557335.jpg.chip.jpg"]
