@@ -13,7 +13,7 @@ comparisons go to train_ablation.json): test age MAE overall, 18+, per age bucke
 group; gender accuracy overall, 18+ and per age bucket; the same on grayscale chips, darkened (low light) and
 downscaled (small face) versions of the validation and test images; preprocessing and training
 wall time; inference ms/face at batch 32; model size; each goal of issue 14 met or not; the CPU
-kernels (the runs before that field were made on oneDNN's, then agegender's default).
+kernels (older entries lack it; the README's footnotes say which they used).
 """
 
 from __future__ import annotations

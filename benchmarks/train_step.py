@@ -8,7 +8,7 @@ under op determinism as in training:
     that a noisy shared machine slows them alike; each reported as its median and its ratio to the recipe's;
   * the recipe's step with oneDNN's kernels and with TensorFlow's default ones, in child processes
     taking turns (a process picks its kernels when TensorFlow loads; the variants and the profile use
-    this process's: results/train_step.json is from TF_ENABLE_ONEDNN_OPTS=1, oneDNN's);
+    this process's, recorded as `cpu_kernels`);
   * TensorFlow's profiler over 20 steps of the recipe: self time per op type, summed over
     threads, as a share of the busy time.
 Writes benchmarks/results/train_step.json. About 8 minutes on 2 cores.

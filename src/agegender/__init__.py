@@ -2,7 +2,7 @@
 
 import os
 
-# Reproducible training first: oneDNN's kernels round differently from run to run, and TensorFlow
-# turns them on by itself on CPUs with AVX-512 VNNI, BF16 or AMX. TF_ENABLE_ONEDNN_OPTS=1 chooses them
-# (a train step 1.35x faster on an AVX2 CPU, 1.74x on an AVX-512 one). It must be set before TensorFlow loads.
+# Reproducible training first: TensorFlow would pick its oneDNN kernels by itself on some CPUs, and
+# they round differently from run to run (training.cpu_kernels). TF_ENABLE_ONEDNN_OPTS=1 still chooses
+# them. It must be set before TensorFlow loads, so here, before any agegender module imports it.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")

@@ -1,7 +1,6 @@
 """Training is deterministic: the same config and data give the same weights, another seed does not.
 
-Bit for bit on TensorFlow's default CPU kernels, the default; on oneDNN's (TF_ENABLE_ONEDNN_OPTS=1) 1 fit
-in 12 of this module's model ended with a weight 5e-5 apart on an AVX2 CPU (none in 24 on an AVX-512 one).
+Bit for bit on TensorFlow's default CPU kernels, agegender's default; not on oneDNN's (see `train_model`).
 """
 
 from __future__ import annotations
