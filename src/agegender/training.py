@@ -565,6 +565,9 @@ def compile_for_training(model: keras.Model, cfg: TrainParams, *, steps_per_epoc
         "adam": lambda: keras.optimizers.Adam(schedule, **ema),
         "sgd": lambda: keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, **ema),
     }[cfg.optimizer]()
+    if cfg.optimizer == "adamw":
+        # Decay the kernels only: shrinking BatchNorm scales and offsets or biases does not regularize.
+        optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
     fit_model.compile(
         optimizer=optimizer,
         loss=losses,
