@@ -139,3 +139,24 @@ def test_bn_momentum_reaches_every_batchnorm_layer(bn_momentum):
     model = build_for(TrainParams(width=4, bn_momentum=bn_momentum), 32)
     momenta = {layer.momentum for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)}
     assert momenta == {bn_momentum}
+
+
+def test_adamw_decays_kernels_and_leaves_batchnorm_and_biases_alone():
+    import keras
+
+    from agegender.config import TrainParams
+    from agegender.training import build_for, compile_for_training
+
+    cfg = TrainParams(width=4, learning_rate=0.1, weight_decay=0.5, warmup_epochs=0)
+    fit_model = compile_for_training(build_for(cfg, 32), cfg, steps_per_epoch=1)
+    variables = fit_model.trainable_variables
+    for v in variables:  # BatchNorm offsets and biases start at 0, where decay could not show
+        v.assign(keras.ops.ones_like(v))
+    # Zero gradients make Adam's own step zero: whatever moves, moved by weight decay.
+    fit_model.optimizer.apply([keras.ops.zeros_like(v) for v in variables], variables)
+    moved = {(v.path.rsplit("/", 1)[-1], bool(keras.ops.convert_to_numpy(v).max() < 1)) for v in variables}
+    decayed, kept = True, False
+    assert moved == {
+        *[("kernel", decayed), ("depthwise_kernel", decayed), ("pointwise_kernel", decayed)],
+        *[("gamma", kept), ("beta", kept), ("bias", kept)],
+    }
