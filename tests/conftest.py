@@ -195,6 +195,14 @@ def run(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> s
     return result
 
 
+def printed_by_new_python(code: str, *, variable: str, setting: str | None) -> str:
+    """What `code` prints in a new Python process whose environment sets `variable` to `setting` (None: unset)."""
+    env = {k: v for k, v in os.environ.items() if k != variable} | ({variable: setting} if setting is not None else {})
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
 @pytest.fixture
 def project_repo(tmp_path: Path) -> Path:
     return make_project_repo(tmp_path)

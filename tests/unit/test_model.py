@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -20,6 +19,7 @@ from agegender.model import (
     mirror_averaged,
     training_view,
 )
+from tests.conftest import printed_by_new_python
 
 BATCH = 2
 
@@ -227,10 +227,5 @@ def test_a_model_with_custom_layers_loads_in_a_process_that_never_imported_them(
 @pytest.mark.parametrize(("setting", "kernels"), [(None, "default"), ("1", "oneDNN")])
 def test_training_reports_the_cpu_kernels_tensorflow_chose(setting, kernels):
     """The default ones, whose training is reproducible, unless the user asked for oneDNN's."""
-    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-    if setting is not None:
-        env["TF_ENABLE_ONEDNN_OPTS"] = setting
     code = "from agegender.training import cpu_kernels; print(cpu_kernels())"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == kernels
+    assert printed_by_new_python(code, variable="TF_ENABLE_ONEDNN_OPTS", setting=setting) == kernels
