@@ -11,9 +11,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -417,6 +419,22 @@ def cpu_kernels() -> str:
     return "oneDNN" if _pywrap_util_port.IsMklEnabled() else "default"
 
 
+def warn_about_unchosen_kernels() -> None:
+    """Warn when this process trains on oneDNN's kernels that nobody asked for: its weights are then not reproducible.
+
+    That happens when TensorFlow loaded before agegender could choose (a script that imports
+    TensorFlow first, on a CPU where TensorFlow picks oneDNN by itself).
+    """
+    if cpu_kernels() == "oneDNN" and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "1":
+        warnings.warn(
+            "TensorFlow loaded before agegender and chose oneDNN's CPU kernels, so this training is not bit for bit "
+            "reproducible (its MLflow run's cpu_kernels tag says oneDNN). Import agegender before TensorFlow, "
+            "or set TF_ENABLE_ONEDNN_OPTS=1 to train on oneDNN's kernels on purpose.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
 def train_model(
     cfg: TrainParams,
     image_size: int,
@@ -438,6 +456,7 @@ def train_model(
     model together; each gets a copy of the trained model that predicts and saves on its own.
     """
     strategy = strategy_for(cluster)  # first: a multi-worker strategy sets up TensorFlow's collective ops
+    warn_about_unchosen_kernels()
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()
     # (crop size, window, last epoch) per phase; one model and optimizer go through them, so the schedule runs on.

@@ -229,3 +229,31 @@ def test_training_reports_the_cpu_kernels_tensorflow_chose(setting, kernels):
     """The default ones, whose training is reproducible, unless the user asked for oneDNN's."""
     code = "from agegender.training import cpu_kernels; print(cpu_kernels())"
     assert printed_by_new_python(code, variable="TF_ENABLE_ONEDNN_OPTS", setting=setting) == kernels
+
+
+# TensorFlow picks oneDNN by itself only on CPUs with AVX-512 VNNI, BF16 or AMX. Anywhere, a process that
+# loads it under TF_ENABLE_ONEDNN_OPTS=1 and then drops the variable is in that state when agegender loads.
+WARNED = """
+import os, warnings
+{first}
+{drop}
+from agegender.training import warn_about_unchosen_kernels
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    warn_about_unchosen_kernels()
+print([str(w.message) for w in caught])
+"""
+
+
+@pytest.mark.parametrize(
+    ("setting", "first", "drop", "warned"),
+    [
+        ("1", "import tensorflow", "del os.environ['TF_ENABLE_ONEDNN_OPTS']", True),  # loaded first, nobody asked
+        ("1", "import agegender", "", False),  # the user asked for oneDNN's kernels
+        (None, "import tensorflow", "", False),  # TensorFlow's default kernels: nothing to warn about
+    ],
+)
+def test_training_warns_when_tensorflow_loaded_first_chose_onednn_unasked(setting, first, drop, warned):
+    code = WARNED.format(first=first, drop=drop)
+    printed = printed_by_new_python(code, variable="TF_ENABLE_ONEDNN_OPTS", setting=setting)
+    assert ("not bit for bit reproducible" in printed) is warned, printed
