@@ -410,8 +410,8 @@ def cpu_kernels() -> str:
     """The CPU kernels this process's TensorFlow trains on: "oneDNN" or "default".
 
     TensorFlow chooses once, when it loads: oneDNN's only on CPUs with AVX-512 VNNI, BF16 or AMX,
-    or when TF_ENABLE_ONEDNN_OPTS=1. They make a train step of the real-data recipe's network 1.35x
-    faster on an AVX2 CPU and 1.74x on an AVX-512 one (benchmarks/train_step.py), but they round
+    or when TF_ENABLE_ONEDNN_OPTS=1. They make a train step of the real-data recipe's network 1.35-1.39x
+    faster on AVX2 CPUs and 1.74x on an AVX-512 one (benchmarks/train_step.py), but they round
     differently from run to run.
     """
     from tensorflow.python.util import _pywrap_util_port  # TensorFlow's only report of the choice
