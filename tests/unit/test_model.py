@@ -250,7 +250,8 @@ print([str(w.message) for w in caught])
     [
         ("1", "import tensorflow", "del os.environ['TF_ENABLE_ONEDNN_OPTS']", True),  # loaded first, nobody asked
         ("1", "import agegender", "", False),  # the user asked for oneDNN's kernels
-        (None, "import tensorflow", "", False),  # TensorFlow's default kernels: nothing to warn about
+        # The default kernels chosen before TensorFlow loads (unset would let a VNNI CPU pick oneDNN): no warning.
+        ("0", "import tensorflow", "", False),
     ],
 )
 def test_training_warns_when_tensorflow_loaded_first_chose_onednn_unasked(setting, first, drop, warned):
